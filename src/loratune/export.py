@@ -1,0 +1,8 @@
+"""``loratune export``: not implemented yet."""
+from __future__ import annotations
+
+from .errors import LoratuneError
+
+
+def main(inv) -> int:
+    raise LoratuneError("loratune export is not implemented yet")

@@ -1,0 +1,113 @@
+"""Quantisation and LoRA glue shared by Whisper and causal LMs.
+
+``bnb_config(cfg.quant)`` builds transformers' ``BitsAndBytesConfig`` (or None);
+``attach_lora(model, cfg)`` runs ``prepare_model_for_kbit_training`` on quantised bases, checks
+that every target module exists (listing the real linear layers when not), wraps the model
+with PEFT and reports trainable parameters and memory footprint.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import torch
+
+from ..config import LoraSection, QuantSection, RunConfig
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def bnb_config(quant: QuantSection):
+    """BitsAndBytesConfig for ``quant.bits`` 4 or 8, None for 0."""
+    if quant.bits == 0:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    kwargs = dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+    )
+    if quant.quant_storage:
+        kwargs["bnb_4bit_quant_storage"] = DTYPES[quant.quant_storage]
+    return BitsAndBytesConfig(**kwargs)
+
+
+def linear_module_names(model: torch.nn.Module) -> List[str]:
+    """Distinct last-component names of every linear layer (plain or bitsandbytes)."""
+    names = set()
+    for full_name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: torch.nn.Module, targets: List[str]) -> None:
+    """Stop before training when a LoRA target matches no module of this architecture."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present and t != "all-linear"]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules {missing} match nothing in {type(model).__name__}; "
+            f"its linear layers are: {', '.join(linear_module_names(model))}"
+        )
+
+
+def footprint_gb(model: torch.nn.Module) -> float:
+    return model.get_memory_footprint() / 1e9 if hasattr(model, "get_memory_footprint") else float("nan")
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def attach_lora(model: torch.nn.Module, cfg: RunConfig, task_type: str, gradient_checkpointing: Optional[bool] = None):
+    """Prepare a (possibly quantised) base for training and wrap it with a PEFT LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lora: LoraSection = cfg.lora
+    check_target_modules(model, lora.target_modules)
+    before = footprint_gb(model)
+    use_gc = cfg.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    if cfg.quant.bits:
+        # Casts norms/embeddings to fp32 and enables input grads so checkpointing works on a frozen base.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=use_gc,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if use_gc else None,
+        )
+    elif use_gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    peft_cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias=lora.bias,
+        task_type=task_type,
+    )
+    model = get_peft_model(model, peft_cfg)
+    trainable, total = trainable_parameters(model)
+    after = footprint_gb(model)
+    log.info(
+        "trainable params: %s / %s (%.2f%%); memory footprint %.3f GB -> %.3f GB with adapters",
+        f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1), before, after,
+    )
+    model.loratune_report = {  # read by the training summary
+        "trainable_params": trainable,
+        "total_params": total,
+        "footprint_gb_base": round(before, 4),
+        "footprint_gb_with_adapters": round(after, 4),
+    }
+    return model
