@@ -71,3 +71,34 @@ def make_tiny_whisper(out_dir: str | Path, seed: int = 0, num_mel_bins: int = 80
     processor = WhisperProcessor(WhisperFeatureExtractor(feature_size=num_mel_bins), tok)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_lora_adapter(base_dir: str | Path, out_dir: str | Path, bits: int = 0, seed: int = 1, steps: int = 1) -> Path:
+    """A LoRA adapter (q/v/fc1, random non-zero A and B) on the tiny Whisper, optionally trained on a
+    4-bit (NF4) or 8-bit bitsandbytes base for ``steps`` optimiser steps; saved as safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
+
+    kwargs = {}
+    if bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    elif bits == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    model = WhisperForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32, **kwargs)
+    if bits:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False)  # no task_type, as training does
+    model = get_peft_model(model, cfg)
+    if steps:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        feats = torch.randn(2, model.config.num_mel_bins, 3000)
+        labels = torch.tensor([[50260, 50359, 50363, 400, 401, 50257]] * 2)
+        for _ in range(steps):
+            loss = model(input_features=feats, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)

@@ -124,7 +124,7 @@ class DataSection:
     cache_dir: Optional[str] = None
     """Where processed features are cached (default: ``~/.cache/loratune/features``)."""
     num_proc: int = 1
-    """Worker processes for feature extraction."""
+    """Parallel workers (threads) for audio decoding + feature extraction."""
 
 
 @dataclass
@@ -164,6 +164,8 @@ class SFTSection:
     """Pack several examples into one sequence (TRL packing)."""
     system_prompt: Optional[str] = None
     """System message prepended when the chat template is used."""
+    prompt_format: str = "{prompt}"
+    """How the prompt column becomes the user text, e.g. ``"Translate to English: {prompt}"``."""
 
 
 @dataclass
@@ -253,6 +255,106 @@ class EvalSection:
 
 
 @dataclass
+class GenerateSection:
+    """``loratune generate`` / LLM evaluation decoding options (transformers ``generate``)."""
+
+    prompt: Optional[str] = None
+    """One prompt to answer; none = read ``prompts_file`` or start an interactive chat."""
+    prompts_file: Optional[str] = None
+    """Text file with one prompt per line (``.jsonl``: a ``prompt`` field per line); answers go to stdout."""
+    max_new_tokens: int = 128
+    """Most tokens generated per answer."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 0.7
+    """Sampling temperature (with ``do_sample``)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass (with ``do_sample``)."""
+    top_k: int = 50
+    """Sample among the k likeliest tokens (with ``do_sample``)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeating tokens."""
+    num_beams: int = 1
+    """Beam width (1 = greedy / sampling)."""
+    seed: int = 0
+    """Seed of sampling."""
+
+
+@dataclass
+class TranscribeSection:
+    """``loratune transcribe`` options (language/task/beams come from ``whisper.*``)."""
+
+    output_dir: Optional[str] = None
+    """Where transcripts go (default: beside each audio file)."""
+    formats: List[str] = field(default_factory=lambda: ["txt", "srt", "vtt", "json"])
+    """Outputs per file: any of ``txt``, ``srt``, ``vtt``, ``json``."""
+    batch_size: int = 8
+    """Files decoded together (clips up to 30 s; longer files run Whisper's sequential long-form)."""
+    max_audio_seconds: float = 14400.0
+    """Longest file accepted (4 h); longer files are refused with a message."""
+    min_rms: float = 1.0e-4
+    """Files whose RMS level is below this are called silent and refused."""
+    skip_bad_files: bool = False
+    """Report unreadable/silent/too-long files and go on, instead of stopping before any work."""
+    max_new_tokens: Optional[int] = None
+    """Most tokens decoded per 30-s window (null = the model's limit, 448 with the prompt)."""
+
+
+@dataclass
+class MergeSection:
+    """``loratune merge`` options."""
+
+    output_dir: Optional[str] = None
+    """Where the standalone merged model goes (default: ``<adapter>-merged``); also the first path argument."""
+    dtype: str = "float32"
+    """dtype of the de-quantised base the adapter is merged into and saved in: float32, float16, bfloat16."""
+
+
+@dataclass
+class ServeSection:
+    """``loratune serve`` options."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; 127.0.0.1 keeps the service local (0.0.0.0 exposes it to the network)."""
+    port: int = 8000
+    """TCP port."""
+    max_upload_mb: float = 25.0
+    """Largest upload accepted (413 beyond it)."""
+    max_audio_seconds: float = 600.0
+    """Longest audio accepted (413 beyond it)."""
+    batch_size: int = 8
+    """Requests decoded together."""
+    batch_wait_ms: int = 50
+    """How long the first request of a batch waits for others to join it."""
+
+
+@dataclass
+class ConvertSection:
+    """``loratune convert`` options (CTranslate2 Whisper -> Hugging Face directory)."""
+
+    output_dir: Optional[str] = None
+    """Where the Hugging Face Whisper directory goes (default: ``<checkpoint>-hf``)."""
+    dtype: str = "float32"
+    """dtype the weights are saved in: float32 (CPU training/inference), float16 or bfloat16."""
+    overwrite: bool = False
+    """Replace an existing non-empty output directory."""
+
+
+@dataclass
+class ExportSection:
+    """``loratune export`` options (Hugging Face Whisper -> CTranslate2 / faster-whisper)."""
+
+    format: str = "ctranslate2"
+    """Target format; ``ctranslate2`` (loadable by faster-whisper and ctranslate2.models.Whisper)."""
+    quantization: str = "int8_float16"
+    """Weight type of the export: float16, int8_float16, int8, int8_float32, bfloat16 or float32."""
+    output_dir: Optional[str] = None
+    """Where the export goes (default: ``<model>-ct2-<quantization>``)."""
+    overwrite: bool = False
+    """Replace an existing non-empty output directory."""
+
+
+@dataclass
 class RunConfig:
     """One loratune run: task, model, data and every knob of training and inference."""
 
@@ -266,6 +368,12 @@ class RunConfig:
     sft: SFTSection = field(default_factory=SFTSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    transcribe: TranscribeSection = field(default_factory=TranscribeSection)
+    merge: MergeSection = field(default_factory=MergeSection)
+    serve: ServeSection = field(default_factory=ServeSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    convert: ConvertSection = field(default_factory=ConvertSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +423,10 @@ _CHOICES = {
     "sft.template": ("auto", "chat", "instruction"),
     "sft.too_long": ("truncate", "drop"),
     "train.eval_strategy": ("epoch", "steps", "no"),
+    "merge.dtype": ("float32", "float16", "bfloat16"),
+    "convert.dtype": ("float32", "float16", "bfloat16"),
+    "export.format": ("ctranslate2",),
+    "export.quantization": ("float16", "int8_float16", "int8", "int8_float32", "bfloat16", "float32"),
 }
 
 
@@ -327,6 +439,8 @@ def get_key(cfg: Any, dotted: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks OmegaConf cannot express; each failure is one actionable line."""
+    if cfg.train.eval_strategy in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
+        cfg.train.eval_strategy = "no"
     for key, allowed in _CHOICES.items():
         value = get_key(cfg, key)
         if value not in allowed:

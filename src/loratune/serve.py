@@ -1,8 +1,232 @@
-"""``loratune serve``: not implemented yet."""
-from __future__ import annotations
+"""``loratune serve [RECIPE.yaml] [model.name=..] [model.adapter=DIR] [serve.port=8000] [key=value ...]``.
 
-from .errors import LoratuneError
+An HTTP transcription service (FastAPI + uvicorn) around one loaded Whisper (+ adapter)::
+
+    loratune serve model.name=whisper-base whisper.language=zh
+    loratune serve configs/whisper-base-hsk-qlora.yaml model.adapter=outputs/whisper-base-hsk-qlora serve.port=9000
+
+* ``GET /`` — a small web page: pick or record audio, get the transcript.
+* ``POST /api/transcribe`` — multipart field ``file``; answers ``{"text", "language", "duration",
+  "segments": [{"start", "end", "text"}], ...}``. Errors are 4xx with ``{"detail": message}``:
+  400 empty upload, 413 over ``serve.max_upload_mb`` or ``serve.max_audio_seconds``, 415 not
+  decodable audio, 422 silent audio. A bad request never takes the server down.
+* ``GET /api/health`` — status and batching counters; ``GET /docs`` / ``/openapi.json`` — the API.
+
+Binds 127.0.0.1 unless ``serve.host`` says otherwise. Requests that arrive together are decoded
+together: a single worker takes the first queued request, waits up to ``serve.batch_wait_ms`` for
+up to ``serve.batch_size - 1`` more, and runs one batched ``generate`` in a thread, so the event
+loop keeps accepting uploads meanwhile.
+"""
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations, which name
+# classes imported inside create_app (lazy imports keep `loratune --help` fast)
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>loratune transcribe</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#222}
+ h1{font-size:1.4rem} .row{display:flex;gap:.6rem;align-items:center;flex-wrap:wrap;margin:.8rem 0}
+ button{padding:.45rem 1rem;font-size:1rem;cursor:pointer} #status{color:#666}
+ #transcript{white-space:pre-wrap;border:1px solid #ccc;border-radius:6px;padding:1rem;min-height:3rem;font-size:1.25rem}
+ .err{color:#b00020} small{color:#666}
+</style></head><body>
+<h1>loratune &middot; speech to text</h1>
+<p><small>model: <code>__MODEL__</code> &middot; up to __MAXMB__ MB / __MAXS__ s per file &middot; <a href="/docs">API</a></small></p>
+<form id="form" class="row">
+ <input id="file" name="file" type="file" accept="audio/*,.wav,.flac,.mp3,.ogg,.m4a,.webm">
+ <button id="send" type="submit">Transcribe</button>
+ <button id="record" type="button">&#9679; Record</button>
+</form>
+<div id="status"></div>
+<h2 style="font-size:1.1rem">Transcript</h2>
+<div id="transcript"></div>
+<script>
+const out = document.getElementById('transcript'), status = document.getElementById('status');
+async function send(blob, name) {
+  status.textContent = 'transcribing ' + name + ' ...'; out.classList.remove('err'); out.textContent = '';
+  const fd = new FormData(); fd.append('file', blob, name);
+  const t0 = performance.now();
+  try {
+    const r = await fetch('/api/transcribe', {method: 'POST', body: fd});
+    const j = await r.json();
+    if (!r.ok) { out.classList.add('err'); out.textContent = 'Error ' + r.status + ': ' + j.detail; status.textContent = ''; return; }
+    out.textContent = j.text || '(no speech recognised)';
+    status.textContent = name + ': ' + j.duration.toFixed(1) + ' s of audio, language ' + j.language +
+      ', answered in ' + ((performance.now() - t0) / 1000).toFixed(1) + ' s';
+  } catch (e) { out.classList.add('err'); out.textContent = String(e); status.textContent = ''; }
+}
+document.getElementById('form').addEventListener('submit', ev => {
+  ev.preventDefault();
+  const f = document.getElementById('file').files[0];
+  if (!f) { status.textContent = 'choose an audio file first'; return; }
+  send(f, f.name);
+});
+let rec = null, chunks = [];
+document.getElementById('record').addEventListener('click', async ev => {
+  const btn = ev.target;
+  if (rec && rec.state === 'recording') { rec.stop(); btn.innerHTML = '&#9679; Record'; return; }
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({audio: true});
+    rec = new MediaRecorder(stream); chunks = [];
+    rec.ondataavailable = e => chunks.push(e.data);
+    rec.onstop = () => { stream.getTracks().forEach(t => t.stop()); send(new Blob(chunks, {type: rec.mimeType}), 'recording.webm'); };
+    rec.start(); btn.innerHTML = '&#9632; Stop'; status.textContent = 'recording ... press Stop to transcribe';
+  } catch (e) { status.textContent = 'microphone not available: ' + e; }
+});
+</script></body></html>
+"""
+
+
+class Batcher:
+    """Collects concurrent requests into batches for one model worker."""
+
+    def __init__(self, transcriber, batch_size: int, wait_ms: int):
+        self.transcriber, self.batch_size, self.wait = transcriber, max(1, batch_size), wait_ms / 1000
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.batches = 0
+        self.max_batch = 0
+        self.requests = 0
+
+    async def submit(self, audio):
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((audio, fut))
+        return await fut
+
+    async def run(self) -> None:
+        while True:
+            items = [await self.queue.get()]
+            deadline = time.monotonic() + self.wait
+            while len(items) < self.batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            self.batches += 1
+            self.requests += len(items)
+            self.max_batch = max(self.max_batch, len(items))
+            try:
+                results = await asyncio.to_thread(self.transcriber, [a for a, _ in items])
+            except Exception as exc:  # noqa: BLE001 - one failed batch must not stop the worker
+                log.exception("transcription batch failed")
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), res in zip(items, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+
+def decode_upload(data: bytes, filename: str, max_seconds: float, min_rms: float):
+    """Bytes of an uploaded file -> checked 16-kHz audio; DataError with a message otherwise."""
+    from .audio import load_audio
+    from .transcribe import check_audio
+
+    suffix = Path(filename or "upload").suffix[:10] or ".bin"
+    fd, tmp = tempfile.mkstemp(suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            audio = load_audio(tmp)
+        except DataError as exc:
+            raise DataError(str(exc).replace(tmp, filename or "upload")) from exc
+    finally:
+        os.unlink(tmp)
+    return check_audio(audio, filename or "upload", max_seconds, min_rms)
+
+
+def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float = 1e-4):
+    """The FastAPI app; ``opts`` is a :class:`loratune.config.ServeSection`."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    max_bytes = int(opts.max_upload_mb * 1024 * 1024)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.batcher = Batcher(transcriber, opts.batch_size, opts.batch_wait_ms)
+        worker = asyncio.create_task(app.state.batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(
+        title="loratune transcription",
+        version="1",
+        description=f"Whisper speech-to-text ({model_label}). Upload audio to `/api/transcribe`.",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def cap_upload_size(request: Request, call_next):
+        # refuse big uploads from the header, before the multipart body is read at all
+        length = request.headers.get("content-length")
+        if request.url.path == "/api/transcribe" and length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+            return JSONResponse({"detail": f"upload of {int(length) / 2**20:.1f} MB is over the {opts.max_upload_mb:g}-MB limit"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return (PAGE.replace("__MODEL__", model_label).replace("__MAXMB__", f"{opts.max_upload_mb:g}")
+                .replace("__MAXS__", f"{opts.max_audio_seconds:g}"))
+
+    @app.get("/api/health", summary="Service status and batching counters")
+    async def health() -> dict:
+        b = app.state.batcher
+        return {"status": "ok", "model": model_label, "requests": b.requests, "batches": b.batches, "max_batch": b.max_batch}
+
+    @app.post(
+        "/api/transcribe",
+        summary="Transcribe one audio file",
+        responses={400: {"description": "empty upload"}, 413: {"description": "file too large or audio too long"},
+                   415: {"description": "not decodable audio"}, 422: {"description": "silent audio"}},
+    )
+    async def transcribe(file: UploadFile = File(..., description="audio: wav, flac, mp3, ogg, m4a, webm ...")) -> dict:
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"upload is over the {opts.max_upload_mb:g}-MB limit")
+        if not data:
+            raise HTTPException(400, f"{file.filename}: empty upload (0 bytes)")
+        try:
+            audio = await asyncio.to_thread(decode_upload, data, file.filename, opts.max_audio_seconds, min_rms)
+        except DataError as exc:
+            msg = str(exc)
+            status = 413 if "limit" in msg else 422 if "silent" in msg else 400 if "zero samples" in msg else 415
+            raise HTTPException(status, msg) from exc
+        start = time.perf_counter()
+        result = await app.state.batcher.submit(audio)
+        return {**result.to_dict(), "model": model_label, "processing_seconds": round(time.perf_counter() - start, 3)}
+
+    return app
 
 
 def main(inv) -> int:
-    raise LoratuneError("loratune serve is not implemented yet")
+    import uvicorn
+
+    from .transcribe import Transcriber
+
+    cfg = inv.config()
+    transcriber = Transcriber.from_config(cfg)
+    label = cfg.model.name + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
+    if cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serve.host=%s exposes the service beyond this machine; it has no authentication", cfg.serve.host)
+    app = create_app(transcriber, cfg.serve, label, cfg.transcribe.min_rms)
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    return 0

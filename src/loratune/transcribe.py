@@ -1,8 +1,275 @@
-"""``loratune transcribe``: not implemented yet."""
+"""``loratune transcribe FILES|DIRS [model.name=..] [model.adapter=DIR] [key=value ...]``.
+
+Transcribes audio files (wav/flac/mp3/ogg/m4a ...; folders are searched recursively) with a base
+Whisper or base + LoRA adapter, writing ``<name>.txt``, ``.srt``, ``.vtt`` and ``.json`` (choose with
+``transcribe.formats=[txt,srt]``) beside each file or into ``transcribe.output_dir``. Examples::
+
+    loratune transcribe talk.mp3 model.name=whisper-base whisper.language=zh
+    loratune transcribe recordings/ model.adapter=outputs/whisper-base-hsk-qlora transcribe.output_dir=out
+    loratune transcribe clip.wav whisper.language=null        # detect the language
+
+Clips up to 30 s are decoded in batches in one pass (no timestamp tokens unless
+``whisper.timestamps=true``; the file is one segment). Longer files go through Whisper's own
+sequential long-form algorithm (transformers' ``generate`` on un-truncated features): each 30-s
+window is decoded with timestamp tokens and the next window starts at the last complete
+segment's end, so words at window borders are neither lost nor doubled and the segments carry
+real timestamps. Files are checked (readable, not silent, not over
+``transcribe.max_audio_seconds``) before the model loads.
+"""
 from __future__ import annotations
 
-from .errors import LoratuneError
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, load_audio
+from .errors import ConfigError, DataError, LoratuneError
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".wma"}
+FORMATS = ("txt", "srt", "vtt", "json")
+WINDOW_SECONDS = 30.0
+
+
+def check_audio(audio: np.ndarray, name: str, max_seconds: float, min_rms: float = 1e-4) -> np.ndarray:
+    """DataError for empty, silent or too-long audio; returns the audio unchanged."""
+    seconds = len(audio) / SAMPLE_RATE
+    if len(audio) == 0:
+        raise DataError(f"{name}: audio decoded to zero samples")
+    if seconds > max_seconds:
+        raise DataError(f"{name}: audio is {seconds:.0f} s long, over the {max_seconds:.0f}-s limit; cut it or raise the limit")
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    if rms < min_rms:
+        raise DataError(f"{name}: audio is silent (RMS level {rms:.1e} < {min_rms:.0e}); nothing to transcribe")
+    return audio
+
+
+def find_audio_files(paths: Sequence[str]) -> List[Path]:
+    """Expand files and folders (recursively) into a sorted list of audio files."""
+    if not paths:
+        raise ConfigError("no input: pass audio files or folders, e.g. `loratune transcribe talk.mp3`")
+    files: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+            if not found:
+                raise DataError(f"{p}: folder holds no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: Optional[str]
+    duration: float
+    segments: List[Segment] = field(default_factory=list)
+
+    def to_dict(self) -> Dict:
+        return {
+            "text": self.text,
+            "language": self.language,
+            "duration": round(self.duration, 3),
+            "segments": [{"start": round(s.start, 2), "end": round(s.end, 2), "text": s.text} for s in self.segments],
+        }
+
+
+class Transcriber:
+    """Batched Whisper transcription of in-memory 16-kHz audio (used by transcribe and serve)."""
+
+    def __init__(self, model, processor, language: Optional[str] = None, task: str = "transcribe", num_beams: int = 1, timestamps: bool = False, trim_audio: bool = False):
+        import torch
+
+        self.model, self.processor = model, processor
+        self.tokenizer = processor.tokenizer
+        self.language, self.task, self.num_beams, self.timestamps = language, task, num_beams, timestamps
+        self.device = next(model.parameters()).device
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            self.dtype = torch.float32
+        self.trim_audio = False
+        if trim_audio:
+            from .models.whisper_trim import enable_encoder_trimming
+
+            enable_encoder_trimming(model)
+            self.trim_audio = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "Transcriber":
+        from .models.inference import check_language, load_asr
+
+        language = check_language(cfg.whisper.language)  # fail before loading the model
+        model, processor = load_asr(cfg)
+        return cls(model, processor, language, cfg.whisper.task, cfg.whisper.num_beams, cfg.whisper.timestamps, cfg.whisper.trim_audio)
+
+    def _features(self, audios: Sequence[np.ndarray], long_form: bool):
+        fe = self.processor.feature_extractor
+        if long_form:
+            feats = fe(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False, padding="longest", return_attention_mask=True)
+        else:
+            feats = fe(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True)
+        x = feats.input_features.to(self.device, self.dtype)
+        mask = feats.attention_mask.to(self.device)
+        if long_form and x.shape[-1] < 3000:  # padding="longest" of a batch that only just crosses 30 s
+            x = __import__("torch").nn.functional.pad(x, (0, 3000 - x.shape[-1]))
+        if not long_form and self.trim_audio and not self.timestamps:
+            from .models.whisper_trim import batch_num_frames
+
+            x = x[..., : batch_num_frames(len(a) for a in audios)]
+        return x, mask
+
+    def _languages(self, x) -> List[Optional[str]]:
+        if self.language:
+            return [self.language] * x.shape[0]
+        ids = self.model.detect_language(input_features=x[..., :3000])
+        return [self.tokenizer.convert_ids_to_tokens(int(i)).strip("<|>") for i in ids]
+
+    def __call__(self, audios: Sequence[np.ndarray], max_new_tokens: Optional[int] = None) -> List[Transcript]:
+        """Transcribe a batch; short clips and long files are decoded in separate passes."""
+        out: List[Optional[Transcript]] = [None] * len(audios)
+        short = [i for i, a in enumerate(audios) if len(a) <= WINDOW_SECONDS * SAMPLE_RATE]
+        long = [i for i in range(len(audios)) if i not in set(short)]
+        for group, long_form in ((short, False), (long, True)):
+            if group:
+                for i, t in zip(group, self._decode([audios[i] for i in group], long_form, max_new_tokens)):
+                    out[i] = t
+        return out  # type: ignore[return-value]
+
+    def _decode(self, audios: Sequence[np.ndarray], long_form: bool, max_new_tokens: Optional[int]) -> List[Transcript]:
+        import torch
+
+        x, mask = self._features(audios, long_form)
+        timestamps = long_form or self.timestamps
+        with torch.inference_mode():
+            languages = self._languages(x)
+            kwargs = dict(language=languages, task=self.task, num_beams=self.num_beams, return_timestamps=timestamps)
+            if max_new_tokens:
+                kwargs["max_new_tokens"] = max_new_tokens
+            if long_form:
+                # attention_mask tells the long-form loop where each file ends; no conditioning on the
+                # previous window's text (it can propagate a hallucination across windows)
+                kwargs.update(attention_mask=mask, condition_on_prev_tokens=False)
+            if timestamps:
+                kwargs["return_segments"] = True
+            result = self.model.generate(input_features=x, **kwargs)
+        sequences = result["sequences"] if isinstance(result, dict) else result
+        texts = [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+        transcripts = []
+        for b, audio in enumerate(audios):
+            duration = len(audio) / SAMPLE_RATE
+            segments = []
+            if timestamps and isinstance(result, dict):
+                for seg in result["segments"][b]:
+                    text = self.tokenizer.decode(seg["tokens"], skip_special_tokens=True).strip()
+                    if text:  # clamp: timestamps past the end of the audio are padding artefacts
+                        start = min(max(float(seg["start"]), 0.0), duration)
+                        segments.append(Segment(start, max(start, min(float(seg["end"]), duration)), text))
+            if not segments and texts[b]:
+                segments = [Segment(0.0, duration, texts[b])]
+            transcripts.append(Transcript(texts[b], languages[b], duration, segments))
+        return transcripts
+
+
+# ---------------------------------------------------------------------------------------------
+# output formats
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(max(seconds, 0.0) * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(t: Transcript) -> str:
+    blocks = [f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n" for i, s in enumerate(t.segments, 1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(t: Transcript) -> str:
+    blocks = [f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n" for s in t.segments]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def render(t: Transcript, fmt: str) -> str:
+    if fmt == "txt":
+        return t.text + "\n"
+    if fmt == "srt":
+        return to_srt(t)
+    if fmt == "vtt":
+        return to_vtt(t)
+    return json.dumps(t.to_dict(), ensure_ascii=False, indent=2) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def transcribe_files(cfg, paths: Sequence[str], transcriber: Optional[Transcriber] = None) -> Dict[str, Transcript]:
+    """Check, load, transcribe and write every file; returns ``{path: Transcript}``."""
+    from tqdm.auto import tqdm
+
+    opts = cfg.transcribe
+    bad_formats = [f for f in opts.formats if f not in FORMATS]
+    if bad_formats or not opts.formats:
+        raise ConfigError(f"transcribe.formats={list(opts.formats)}: choose from {', '.join(FORMATS)}")
+    files = find_audio_files(paths)
+    audios: Dict[Path, np.ndarray] = {}
+    for f in files:  # decode and check everything before the model loads
+        try:
+            audios[f] = check_audio(load_audio(f), str(f), opts.max_audio_seconds, opts.min_rms)
+        except DataError as exc:
+            if not opts.skip_bad_files:
+                raise
+            log.warning("skipping %s", exc)
+    if not audios:
+        raise DataError("no usable audio among the inputs (see the warnings above)")
+    transcriber = transcriber or Transcriber.from_config(cfg)
+    # Long files first and alone (their long-form loop is sequential), then short clips in batches.
+    order = sorted(audios, key=lambda f: -len(audios[f]))
+    results: Dict[str, Transcript] = {}
+    bar = tqdm(total=len(order), desc="transcribe", unit="file")
+    i = 0
+    while i < len(order):
+        is_long = len(audios[order[i]]) > WINDOW_SECONDS * SAMPLE_RATE
+        batch = order[i : i + (1 if is_long else max(1, opts.batch_size))]
+        for f, t in zip(batch, transcriber([audios[f] for f in batch], max_new_tokens=opts.max_new_tokens)):
+            results[str(f)] = t
+            out_dir = Path(opts.output_dir) if opts.output_dir else f.parent
+            for fmt in opts.formats:
+                write_atomic(out_dir / f"{f.stem}.{fmt}", render(t, fmt))
+        bar.update(len(batch))
+        i += len(batch)
+    bar.close()
+    return results
 
 
 def main(inv) -> int:
-    raise LoratuneError("loratune transcribe is not implemented yet")
+    cfg = inv.config()
+    results = transcribe_files(cfg, inv.paths)
+    for path, t in results.items():
+        print(f"{path} [{t.language}, {t.duration:.1f} s]: {t.text}")
+    return 0

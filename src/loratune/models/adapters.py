@@ -111,3 +111,17 @@ def attach_lora(model: torch.nn.Module, cfg: RunConfig, task_type: str, gradient
         "footprint_gb_with_adapters": round(after, 4),
     }
     return model
+
+
+def device_map_for_rank():
+    """Where to place a (quantised) base: one whole copy per process/device.
+
+    bitsandbytes weights cannot be moved after loading, so under DDP (torchrun / accelerate
+    launch) each rank must load straight onto its own GPU, ``{"": LOCAL_RANK}``; on a CPU-only
+    machine the model stays on the CPU (None).
+    """
+    import os
+
+    if not torch.cuda.is_available():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}

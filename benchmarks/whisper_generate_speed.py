@@ -1,0 +1,167 @@
+"""Whisper batched transcription speed: transformers' default generate against loratune's fast path.
+
+    python benchmarks/whisper_generate_speed.py                 # needs a CUDA GPU
+    python benchmarks/whisper_generate_speed.py --tiny --reps 1 # CPU rehearsal on a tiny architecture
+
+large-v3-turbo architecture with random weights (fp16 checkpoint, as published), synthetic
+log-mels, exactly ``--new-tokens`` tokens per clip (``min_new_tokens`` = ``max_new_tokens``, so
+random weights cannot stop early and every row decodes the same amount). Rows:
+
+* 30-s clips: HF default (fp16, SDPA, batch 32, dynamic cache) vs bf16, larger batches, a static
+  KV cache (transformers then compiles the decoder step with CUDA graphs), ``torch.compile`` of
+  the encoder;
+* HSK-like short clips (0.7-3.4 s): padded to 30 s vs trimmed (``whisper.trim_audio``),
+  length-grouped batches; real-time factor = processing time / audio time.
+
+Reported: clips/s (median batch time over ``--reps`` after a warm-up), RTF, peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import _common as C
+from whisper_train_speed import hsk_batches, model_path
+
+HSK_MEAN_S = 1.69  # mean duration of the HSK-like clip distribution (see whisper_train_speed.HSK_PCT)
+
+
+def generation_config():
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        decoder_start_token_id=50258, bos_token_id=50257, eos_token_id=50257, pad_token_id=50257,
+        no_timestamps_token_id=50364, is_multilingual=True, lang_to_id={"<|zh|>": 50260, "<|en|>": 50259},
+        task_to_id={"transcribe": 50360, "translate": 50359}, max_length=448, begin_suppress_tokens=[220, 50257],
+        suppress_tokens=[],
+    )
+
+
+def load(path, dtype):
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config = generation_config()
+    return model.to(C.device()).eval()
+
+
+# (name, dtype, batch, clips, options) -- options: static, compile_encoder, trim
+VARIANTS = [
+    ("HF default: fp16, bs 32", torch.float16, 32, "full", {}),
+    ("bf16, bs 32", torch.bfloat16, 32, "full", {}),
+    ("bf16, bs 128", torch.bfloat16, 128, "full", {}),
+    ("bf16, bs 128, static cache (compiled decoder)", torch.bfloat16, 128, "full", {"static": True}),
+    ("bf16, bs 128, static cache + compiled encoder", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True}),
+    ("short clips padded to 30 s: bf16, bs 128", torch.bfloat16, 128, "hsk", {}),
+    ("short clips trimmed: bf16, bs 128", torch.bfloat16, 128, "hsk", {"trim": True}),
+    ("short clips trimmed: bf16, bs 256", torch.bfloat16, 256, "hsk", {"trim": True}),
+]
+
+
+def run_variant(name, dtype, bs, clips, opts, args, path):
+    if not torch.cuda.is_available():
+        dtype = torch.float32
+    C.reset_memory()
+    model = load(path, dtype)
+    if opts.get("trim"):
+        from loratune.models.whisper_trim import enable_encoder_trimming
+
+        enable_encoder_trimming(model)
+    if opts.get("compile_encoder"):
+        model.model.encoder = torch.compile(model.model.encoder)
+    n_mels = model.config.num_mel_bins
+    g = torch.Generator().manual_seed(0)
+    if clips == "hsk":
+        frames = hsk_batches(bs * args.hsk_batches, bs)
+        if not opts.get("trim"):
+            frames = [3000] * len(frames)
+    else:
+        frames = [3000] * 2
+    batches = [(0.5 * torch.randn(bs, n_mels, f, generator=g)).to(C.device(), dtype) for f in frames]
+    kw = dict(language="zh", task="transcribe", max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    if opts.get("static"):
+        kw["cache_implementation"] = "static"
+    out_len = []
+
+    def one(feats):
+        with torch.inference_mode():
+            seq = model.generate(input_features=feats, **kw)
+        out_len.append(seq.shape[-1])
+
+    row = dict(variant=name, batch=bs, dtype=str(dtype).replace("torch.", ""))
+    t0 = time.perf_counter()
+    for f in batches[: 2 if clips == "full" else len(batches)]:
+        one(f)  # warm-up: compilation, CUDA graphs, every shape once
+    C.sync()
+    row["warmup_s"] = time.perf_counter() - t0
+    if clips == "full":
+        times = []
+        for i in range(args.reps):
+            t = time.perf_counter()
+            one(batches[i % 2])
+            C.sync()
+            times.append(time.perf_counter() - t)
+        row["clips_s"] = bs / C.median(times)
+        row["rtf"] = 1.0 / (row["clips_s"] * 30.0)
+    else:
+        t = time.perf_counter()
+        for f in batches:
+            one(f)
+        C.sync()
+        total = time.perf_counter() - t
+        row["clips_s"] = bs * len(batches) / total
+        row["rtf"] = total / (bs * len(batches) * HSK_MEAN_S)
+        row["frames"] = f"{min(frames)}-{max(frames)}"
+    row["tokens_out"] = max(out_len)
+    row["peak_gib"] = C.peak_gib()
+    del model, batches
+    C.reset_memory()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--hsk-batches", type=int, default=4)
+    ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    info = C.versions()
+    print("versions:", info, flush=True)
+    path = model_path("large-v3-turbo", args.tiny)
+    skips = [s for s in args.skip.split(",") if s]
+    rows = []
+    for name, dtype, bs, clips, opts in VARIANTS:
+        if any(s in name for s in skips):
+            continue
+        if args.tiny:
+            bs = min(bs, 4)
+        t0 = time.time()
+        try:
+            row = run_variant(name, dtype, bs, clips, opts, args, path)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            row = dict(variant=name, batch=bs, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+            C.reset_memory()
+        row["wall_s"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(row, flush=True)
+        C.write_json("whisper_generate_speed.json", dict(versions=info, args=vars(args), rows=rows))
+    base = rows[0].get("clips_s") if rows else None
+    for r in rows:
+        if base and r.get("clips_s"):
+            r["x_hf_default"] = r["clips_s"] / base
+    C.print_table(f"whisper-large-v3-turbo generate, {args.new_tokens} new tokens ({info['device']})", rows,
+                  ["variant", "batch", "frames", "clips_s", "x_hf_default", "rtf", "peak_gib", "warmup_s", "tokens_out", "error"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Whisper LoRA training speed: the tutorial recipes against loratune's fast settings, one process.
+
+    python benchmarks/whisper_train_speed.py                    # everything (needs a CUDA GPU)
+    python benchmarks/whisper_train_speed.py --only turbo,short # a subset: turbo, short, large-v2
+    python benchmarks/whisper_train_speed.py --tiny --steps 2   # CPU rehearsal on a tiny architecture
+
+Full-size architectures (large-v3-turbo, large-v2) are built from ``WhisperConfig`` with random
+weights (speed and memory do not depend on the values), saved once and loaded back through
+``from_pretrained`` with the recipe's bitsandbytes config, then wrapped by loratune's own
+``attach_lora``, i.e. the code path ``loratune train`` takes. Every variant is a recipe YAML
+plus ``key=value`` overrides, so a row's settings can be pasted onto the command line.
+Inputs: synthetic log-mels (30 s, or HSK-like 0.7-3.4 s clips for the short-clip rows), 24-token
+labels. A step is forward + backward + clip-grad + AdamW, the work of one Trainer step.
+Reported: median seconds per step over ``--steps`` after ``--warmup``, samples/s, peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+
+import numpy as np
+import torch
+
+import _common as C
+
+# HSK-zh clip durations (s), percentiles 0/10/25/50/75/90/99/100 of 300 random clips (av headers).
+HSK_PCT = ([0, 10, 25, 50, 75, 90, 99, 100], [0.73, 1.21, 1.41, 1.61, 1.97, 2.17, 2.97, 3.37])
+
+ARCH = {
+    "large-v3-turbo": dict(vocab_size=51866, num_mel_bins=128, encoder_layers=32, decoder_layers=4, dtype=torch.float16),
+    "large-v2": dict(vocab_size=51865, num_mel_bins=80, encoder_layers=32, decoder_layers=32, dtype=torch.float32),
+}
+TURBO = "whisper-large-v3-turbo-zh-qlora.yaml"
+V2 = "whisper-large-v2-zh-int8-lora.yaml"
+FAST_TURBO = ["quant.compute_dtype=bfloat16", "train.bf16=true"]
+FAST_V2 = ["train.fp16=false", "train.bf16=true"]
+
+# (group, row name, recipe yaml, overrides, extra) -- extra: frozen_bf16, clips ("full"/"hsk"), int8_threshold
+VARIANTS = [
+    ("turbo", "recipe: 4-bit, fp16 compute, no autocast, bs 4", TURBO, [], {}),
+    ("turbo", "bf16 autocast, bs 4", TURBO, FAST_TURBO, {}),
+    ("turbo", "bf16 autocast, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {}),
+    ("turbo", "bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
+    ("turbo", "bf16 + frozen bf16, bs 32", TURBO, FAST_TURBO + ["train.batch_size=32"], {"frozen_bf16": True}),
+    ("turbo", "bf16 + frozen bf16, bs 32, ckpt", TURBO, FAST_TURBO + ["train.batch_size=32", "train.gradient_checkpointing=true"], {"frozen_bf16": True}),
+    ("short", "padded 30 s, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
+    ("short", "trimmed, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
+    ("short", "trimmed, bf16 + frozen bf16, bs 64", TURBO, FAST_TURBO + ["train.batch_size=64", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
+    ("large-v2", "recipe: 8-bit, fp16 autocast, ckpt, bs 4", V2, [], {}),
+    ("large-v2", "bf16 autocast, ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {}),
+    ("large-v2", "bf16 + frozen bf16, ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {"frozen_bf16": True}),
+    ("large-v2", "bf16 + frozen bf16, bs 8, no ckpt", V2, FAST_V2 + ["train.batch_size=8", "train.gradient_checkpointing=false"], {"frozen_bf16": True}),
+    ("large-v2", "bf16 + frozen bf16, ckpt, bs 16, int8 threshold 0", V2, FAST_V2 + ["train.batch_size=16"], {"frozen_bf16": True, "int8_threshold": 0.0}),
+]
+
+
+def whisper_config(arch: str, tiny: bool):
+    from transformers import WhisperConfig
+
+    a = dict(ARCH[arch])
+    a.pop("dtype")
+    dims = dict(d_model=1280, encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120)
+    if tiny:
+        dims = dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
+        a.update(encoder_layers=2, decoder_layers=2)
+    return WhisperConfig(
+        **a, **dims, max_source_positions=1500, max_target_positions=448, decoder_start_token_id=50258,
+        pad_token_id=50257, bos_token_id=50257, eos_token_id=50257, begin_suppress_tokens=[220, 50257],
+    )
+
+
+def model_path(arch: str, tiny: bool):
+    from transformers import WhisperForConditionalGeneration
+
+    name = f"whisper-{arch}{'-tiny' if tiny else ''}"
+    return C.save_random(WhisperForConditionalGeneration, whisper_config(arch, tiny), name, ARCH[arch]["dtype"])
+
+
+def hsk_batches(n_clips: int, batch: int, seed: int = 0):
+    """Frame counts of length-grouped batches of HSK-like clips (what group_by_length produces)."""
+    from loratune.models.whisper_trim import trimmed_num_frames
+
+    rng = np.random.default_rng(seed)
+    secs = np.sort(np.interp(rng.uniform(0, 100, n_clips), *HSK_PCT))
+    frames = [trimmed_num_frames(int(s * 16000)) for s in secs]
+    return [max(frames[i : i + batch]) for i in range(0, n_clips, batch)]
+
+
+def build(path, cfg, extra):
+    """Load + quantise + LoRA exactly like loratune train (models/whisper.py + adapters.attach_lora)."""
+    from transformers import WhisperForConditionalGeneration
+
+    from loratune.models.adapters import attach_lora, bnb_config
+    from loratune.models.speed import cast_frozen
+    from loratune.models.whisper import model_dtype
+
+    kwargs = dict(dtype=model_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
+    quant = bnb_config(cfg.quant)
+    if quant is not None:
+        if "int8_threshold" in extra:
+            quant.llm_int8_threshold = extra["int8_threshold"]
+        kwargs.update(quantization_config=quant, device_map={"": 0} if torch.cuda.is_available() else None)
+    model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs)
+    if quant is None:
+        model.to(C.device())
+    model.config.use_cache = False
+    # task_type None: PeftModelForSeq2SeqLM passes input_ids=None, which Whisper forwards twice (TypeError)
+    model = attach_lora(model, cfg, task_type=None)
+    if extra.get("frozen_bf16"):
+        cast_frozen(model, torch.bfloat16)
+    if cfg.whisper.trim_audio:
+        from loratune.models.whisper_trim import enable_encoder_trimming
+
+        enable_encoder_trimming(model)
+    return model
+
+
+def run_variant(group, name, recipe, overrides, extra, args):
+    from loratune.config import load_config
+
+    arch = "large-v2" if recipe == V2 else "large-v3-turbo"
+    path = model_path(arch, args.tiny)
+    tiny = ["train.batch_size=2"] if args.tiny else []  # rehearsal: the code path, not the numbers
+    cfg = load_config(C.REPO / "configs" / recipe, overrides + tiny + [f"model.name={path}", "train.report_to=[none]"])
+    bs = cfg.train.batch_size
+    row = dict(group=group, variant=name, batch=bs, overrides=" ".join(overrides) or "(recipe as is)")
+    C.reset_memory()
+    model = build(path, cfg, extra)
+    model.train()
+    dev = C.device()
+    n_mels = model.config.num_mel_bins
+    feat_dtype = torch.float32
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    amp = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
+    if not torch.cuda.is_available():
+        amp = None  # the Trainer ignores fp16/bf16 on the CPU too
+    scaler = torch.amp.GradScaler() if amp == torch.float16 else None
+    if amp is None:
+        feat_dtype = model.get_base_model().model.encoder.conv1.weight.dtype
+    g = torch.Generator(device="cpu").manual_seed(0)
+    frames_list = hsk_batches(bs * args.hsk_batches, bs) if extra.get("clips") == "hsk" else [3000, 3000]
+    batches = [
+        (
+            (0.5 * torch.randn(bs, n_mels, f, generator=g)).to(dev, feat_dtype),
+            torch.randint(0, 50000, (bs, 24), generator=g).to(dev),
+        )
+        for f in frames_list
+    ]
+    cycle = itertools.cycle(batches)
+
+    def step():
+        feats, labels = next(cycle)
+        with C.autocast(amp):
+            loss = model(input_features=feats, labels=labels).loss
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        row["loss"] = float(loss.detach())
+
+    if extra.get("clips") == "hsk":  # one warm-up pass over every shape, then one timed pass
+        C.time_steps(step, len(batches), 0)
+        t0 = time.perf_counter()
+        for _ in batches:
+            step()
+        C.sync()
+        total = time.perf_counter() - t0
+        row.update(step_s=total / len(batches), samples_s=bs * len(batches) / total, frames=f"{min(frames_list)}-{max(frames_list)}")
+    else:
+        times = C.time_steps(step, args.warmup, args.steps)
+        row.update(step_s=C.median(times), samples_s=bs / C.median(times), frames=3000)
+    row.update(peak_gib=C.peak_gib(), reserved_gib=C.peak_reserved_gib())
+    del model, opt, batches, cycle, params
+    C.reset_memory()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="turbo,short,large-v2", help="comma-separated groups")
+    ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--hsk-batches", type=int, default=8, help="length-grouped batches in a short-clip pass")
+    ap.add_argument("--tiny", action="store_true", help="tiny architecture (CPU rehearsal of the code path)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    info = C.versions()
+    print("versions:", info, flush=True)
+    groups = args.only.split(",")
+    skips = [s for s in args.skip.split(",") if s]
+    rows = []
+    for group, name, recipe, overrides, extra in VARIANTS:
+        if group not in groups or any(s in name for s in skips):
+            continue
+        t0 = time.time()
+        try:
+            row = run_variant(group, name, recipe, overrides, extra, args)
+        except Exception as exc:  # one OOM / failure must not lose the other rows
+            if not C.is_oom(exc):
+                import traceback
+
+                traceback.print_exc()
+            row = dict(group=group, variant=name, error=f"{type(exc).__name__}: {str(exc)[:120]}", overrides=" ".join(overrides))
+            C.reset_memory()
+        row["wall_s"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(row, flush=True)
+        C.write_json("whisper_train_speed.json", dict(versions=info, args=vars(args), rows=rows))
+    for group in groups:
+        sub = [r for r in rows if r["group"] == group]
+        if not sub:
+            continue
+        base = sub[0].get("samples_s")
+        for r in sub:
+            if base and r.get("samples_s"):
+                r["x_first_row"] = r["samples_s"] / base
+        C.print_table(f"whisper training, {group} ({info['device']})", sub,
+                      ["variant", "batch", "frames", "samples_s", "x_first_row", "peak_gib", "reserved_gib", "step_s", "loss", "error"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""ASR training data: load, split, validate, extract log-mel features once, cache them on disk.
+
+    from loratune.data.asr import prepare_asr_data
+    data = prepare_asr_data(cfg, processor, max_label_tokens=448)
+    data.train, data.eval      # datasets.Dataset: input_features (frames, mels), labels, input_length
+    data.report                # rows read / skipped per reason / cache hit
+
+Sources (``cfg.data``): a CSV + audio folder (``csv``, ``audio_dir``, ``id_column``, ``text_column``),
+a Hub dataset (``hub``, ``hub_config``; ``train+validation`` joins splits; audio cast to 16 kHz) or a
+``save_to_disk`` directory (``disk``). Rows are split by ``split_column`` when the table has it,
+else by ``eval_ratio`` with ``seed``. Every row is checked before training (missing/corrupt audio,
+empty transcript, clip over ``max_audio_seconds``, transcript over the decoder limit): the first bad
+row stops the run with one line, or with ``skip_bad_rows`` all bad rows are dropped and counted.
+Features + token ids are written to ``cache_dir/<key>`` where the key hashes the selected rows
+(file sizes and mtimes included), the processor and the options that change the features, so a
+second run with the same inputs goes straight to training.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE, load_audio
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+HOP_LENGTH = 160  # log-mel frame = 10 ms
+FULL_FRAMES = 3000  # 30 s
+REF, AUDIO, TEXT = "__ref", "__audio", "__text"  # normalised raw columns
+
+
+@dataclass
+class ASRData:
+    train: Any
+    eval: Optional[Any]
+    report: Dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# raw tables
+
+
+def _resolve_audio_dir(csv_path: Path, audio_dir: Optional[str]) -> Path:
+    """``audio_dir`` as given (absolute or relative to the cwd), else relative to the CSV's folder;
+    without it, the CSV's folder when the file names resolve there, else ``<csv folder>/audio``."""
+    if audio_dir:
+        p = Path(audio_dir).expanduser()
+        if p.is_absolute() or p.is_dir():
+            return p
+        beside = csv_path.parent / p
+        if beside.is_dir():
+            return beside
+        raise DataError(f"data.audio_dir={audio_dir}: folder not found (looked in {Path.cwd()} and {csv_path.parent}); fix the path")
+    return csv_path.parent
+
+
+def read_csv_table(data) -> Tuple[List[Dict[str, str]], Path]:
+    """Rows of ``data.csv`` (UTF-8 with or without BOM) with renames applied; one-line errors."""
+    path = Path(data.csv).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.csv={data.csv}: file not found; give the path of the CSV (ID, sentence)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); re-save it as UTF-8, "
+            f"e.g. `iconv -f GBK -t UTF-8 {path.name} > fixed.csv`"
+        ) from exc
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [data.rename.get(h, h) for h in (reader.fieldnames or [])]
+    for col, key in ((data.id_column, "data.id_column"), (data.text_column, "data.text_column")):
+        if col not in header:
+            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(header) or 'none'}); set {key}=<name> or rename it in the file")
+    rows = []
+    for row in reader:
+        rows.append({data.rename.get(k, k): (v or "") for k, v in row.items() if k is not None})
+    return rows, path
+
+
+def _csv_dataset(data):
+    from datasets import Dataset
+
+    rows, path = read_csv_table(data)
+    base = _resolve_audio_dir(path, data.audio_dir)
+    if not data.audio_dir and rows and not (base / rows[0][data.id_column]).exists() and (base / "audio").is_dir():
+        base = base / "audio"
+    cols = {REF: [], AUDIO: [], TEXT: []}
+    has_split = data.split_column in (rows[0] if rows else {})
+    if has_split:
+        cols[data.split_column] = []
+    for i, row in enumerate(rows):
+        cols[REF].append(f"{path.name} line {i + 2}")  # header is line 1
+        name = row[data.id_column].strip()
+        cols[AUDIO].append(str(Path(name) if Path(name).is_absolute() else base / name) if name else "")
+        cols[TEXT].append(row[data.text_column])
+        if has_split:
+            cols[data.split_column].append(row[data.split_column].strip())
+    return Dataset.from_dict(cols)
+
+
+def _normalise(ds, data, origin: str):
+    """Rename/drop columns, check the audio and text columns, keep only what training uses."""
+    from datasets import Audio
+
+    if data.rename:
+        ds = ds.rename_columns({k: v for k, v in data.rename.items() if k in ds.column_names})
+    if data.remove_columns:
+        ds = ds.remove_columns([c for c in data.remove_columns if c in ds.column_names])
+    for col, key in ((data.audio_column, "data.audio_column"), (data.text_column, "data.text_column")):
+        if col not in ds.column_names:
+            raise DataError(f"{origin}: no column {col!r} (columns: {', '.join(ds.column_names)}); set {key}=<name> or data.rename")
+    # Decoding goes through PyAV (loratune.audio) at 16 kHz, so the cast only records the rate
+    # and keeps the encoded bytes; it avoids the datasets audio back-end dependency.
+    ds = ds.cast_column(data.audio_column, Audio(sampling_rate=SAMPLE_RATE, decode=False))
+    keep = [data.audio_column, data.text_column] + ([data.split_column] if data.split_column in ds.column_names else [])
+    ds = ds.select_columns(keep)
+    ds = ds.add_column(REF, [f"{origin} row {i}" for i in range(len(ds))])
+    return ds.rename_columns({data.audio_column: AUDIO, data.text_column: TEXT})
+
+
+def _join(parts: Dict[str, Any], spec: str, origin: str):
+    from datasets import concatenate_datasets
+
+    names = [s.strip() for s in spec.split("+") if s.strip()]
+    missing = [n for n in names if n not in parts]
+    if missing:
+        raise DataError(f"{origin}: no split {missing[0]!r} (splits: {', '.join(parts)}); set data.train_split / data.eval_split")
+    return concatenate_datasets([parts[n] for n in names]) if len(names) > 1 else parts[names[0]]
+
+
+def _split_table(ds, data):
+    """(train, eval) from one table: by ``split_column`` when present, else seeded ratio."""
+    col = data.split_column
+    if col in ds.column_names:
+        values = ds[col]
+        train_vals = {s.strip() for s in data.train_split.split("+")}
+        train = ds.select([i for i, v in enumerate(values) if v in train_vals])
+        if data.eval_split:
+            eval_vals = {s.strip() for s in data.eval_split.split("+")}
+            ev = ds.select([i for i, v in enumerate(values) if v in eval_vals])
+            return train, ev
+        ds = train
+    if len(ds) < 2:
+        return ds, None
+    parts = ds.train_test_split(test_size=data.eval_ratio, seed=data.seed)
+    return parts["train"], parts["test"]
+
+
+def load_raw_splits(data):
+    """(train, eval) tables with columns __ref, __audio, __text, before validation and features."""
+    import datasets
+
+    if sum(bool(x) for x in (data.csv, data.hub, data.disk)) != 1:
+        raise DataError("set exactly one of data.csv, data.hub, data.disk (the training data source)")
+    if data.csv:
+        train, ev = _split_table(_csv_dataset(data), data)
+    elif data.disk:
+        path = Path(data.disk).expanduser()
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"data.disk={data.disk}: not a dataset saved with save_to_disk ({exc.__class__.__name__}); fix the path") from exc
+        if isinstance(loaded, datasets.DatasetDict):
+            parts = {k: _normalise(v, data, f"{path.name}/{k}") for k, v in loaded.items()}
+            train = _join(parts, data.train_split, str(path))
+            ev = _join(parts, data.eval_split, str(path)) if data.eval_split else None
+            if ev is None:
+                train, ev = _split_table(train.remove_columns([c for c in [data.split_column] if c in train.column_names]), data)
+        else:
+            train, ev = _split_table(_normalise(loaded, data, path.name), data)
+    else:
+        def hub_split(spec):
+            try:
+                ds = datasets.load_dataset(data.hub, data.hub_config, split=spec)
+            except Exception as exc:
+                raise DataError(
+                    f"data.hub={data.hub} (config {data.hub_config}, split {spec}): cannot load "
+                    f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); check name/config/split, "
+                    "accept the dataset's terms and log in, or use data.csv / data.disk"
+                ) from exc
+            return _normalise(ds, data, f"{data.hub}:{spec}")
+
+        train = hub_split(data.train_split)
+        ev = hub_split(data.eval_split) if data.eval_split else None
+        if ev is None:
+            train, ev = _split_table(train.remove_columns([c for c in [data.split_column] if c in train.column_names]), data)
+    train = _subset(train, data.max_train_samples, data.seed)
+    ev = _subset(ev, data.max_eval_samples, data.seed) if ev is not None else None
+    if len(train) == 0:
+        raise DataError(f"no training rows (split {data.train_split!r} of column {data.split_column!r} is empty?); check data.train_split / the data source")
+    return train, (ev if ev is not None and len(ev) else None)
+
+
+def _subset(ds, n: Optional[int], seed: int):
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+# ------------------------------------------------------------------------------------------------
+# validation + features
+
+
+def _decode(value: Any) -> np.ndarray:
+    """Audio cell -> 16 kHz mono float32: a path string, or the ``{"bytes", "path"}`` of datasets' Audio."""
+    if isinstance(value, str):
+        return load_audio(value)
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            suffix = Path(value.get("path") or "x.wav").suffix or ".wav"
+            fd, tmp = tempfile.mkstemp(suffix=suffix)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(value["bytes"])
+                return load_audio(tmp)
+            except DataError as exc:  # name the row's file, not the temp copy
+                raise DataError(str(exc).replace(tmp, value.get("path") or "<embedded audio>")) from exc
+            finally:
+                os.unlink(tmp)
+        if value.get("path"):
+            return load_audio(value["path"])
+    raise DataError(f"audio cell {str(value)[:60]!r} holds neither a path nor bytes; fix the audio column")
+
+
+def _where(ref: str, audio: Any) -> str:
+    path = audio if isinstance(audio, str) else (audio or {}).get("path") if isinstance(audio, dict) else None
+    return f"{ref} ({path})" if path else ref
+
+
+class _Checker:
+    """Per-row checks; ``bad(reason, msg)`` raises unless bad rows are being skipped."""
+
+    def __init__(self, data, skip: bool):
+        self.data, self.skip = data, skip
+        self.skipped: Counter = Counter()
+        self.first: Dict[str, str] = {}
+
+    def bad(self, reason: str, msg: str) -> None:
+        if not self.skip:
+            raise DataError(msg)
+        self.skipped[reason] += 1
+        self.first.setdefault(reason, msg)
+
+
+def _tokenise_and_precheck(ds, tokenizer, checker: _Checker, max_label_tokens: int) -> Dict[int, List[int]]:
+    """Cheap checks on every row first (empty text, missing file, token limit), so they fail fast."""
+    refs, audios, texts = ds[REF], ds[AUDIO], ds[TEXT]
+    ids = tokenizer([t or "" for t in texts]).input_ids
+    ok: Dict[int, List[int]] = {}
+    for i, (ref, audio, text, tok) in enumerate(zip(refs, audios, texts, ids)):
+        where = _where(ref, audio)
+        if not (text or "").strip():
+            checker.bad("empty transcript", f"{where}: empty transcript; fill in the text or set data.skip_bad_rows=true")
+        elif isinstance(audio, str) and not audio:
+            checker.bad("missing audio", f"{ref}: no audio file name; fill in the {checker.data.id_column} column or set data.skip_bad_rows=true")
+        elif isinstance(audio, str) and not os.path.isfile(audio):
+            checker.bad("missing audio", f"{where}: audio file not found; check data.audio_dir or set data.skip_bad_rows=true")
+        elif len(tok) > max_label_tokens:
+            checker.bad(
+                "transcript too long",
+                f"{where}: transcript is {len(tok)} tokens, over Whisper's {max_label_tokens}-token decoder limit; "
+                "split the clip/text or set data.skip_bad_rows=true",
+            )
+        else:
+            ok[i] = tok
+    return ok
+
+
+_WORKER: Dict[str, Any] = {}  # settings of the current extraction, shared by its worker threads
+
+
+def _init_worker(feature_extractor, max_seconds: float, trim: bool) -> None:
+    _WORKER.update(fe=feature_extractor, max_s=max_seconds, trim=trim)
+
+
+def _featurise(item: Tuple[str, Any]) -> Tuple[Optional[np.ndarray], int, Optional[Tuple[str, str]]]:
+    """(frames-major log-mel, samples, None) or (None, 0, (reason, message)) for one row."""
+    ref, audio_value = item
+    try:
+        audio = _decode(audio_value)
+    except DataError as exc:
+        return None, 0, ("unreadable audio", f"{ref}: {exc}; or set data.skip_bad_rows=true")
+    seconds = len(audio) / SAMPLE_RATE
+    if seconds > _WORKER["max_s"]:
+        return None, 0, ("audio too long", f"{_where(ref, audio_value)}: clip is {seconds:.1f} s, longer than "
+                         f"data.max_audio_seconds={_WORKER['max_s']:g}; cut it or set data.skip_bad_rows=true")
+    mel = _WORKER["fe"](audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+    if _WORKER["trim"]:  # the clip's real length in frames, even (encoder stride 2), at most 30 s
+        frames = min(FULL_FRAMES, 2 * math.ceil(max(1, math.ceil(len(audio) / HOP_LENGTH)) / 2))
+        mel = mel[:, :frames]
+    return np.ascontiguousarray(mel.T, dtype=np.float32), len(audio), None
+
+
+def _bounded_map(pool, fn, items, window: int):
+    """``pool.map`` in order, but with at most ``window`` results in memory (features are large)."""
+    from itertools import islice
+
+    items = iter(items)
+    while True:
+        chunk = list(islice(items, window))
+        if not chunk:
+            return
+        yield from pool.map(fn, chunk)
+
+
+def _features(ds, token_ids: Dict[int, List[int]], feature_extractor, checker: _Checker, trim: bool, path: Path,
+              num_proc: int = 1, desc: str = "features") -> int:
+    """Decode + log-mel every row that passed the cheap checks (``num_proc`` worker threads);
+    stream them into an Arrow file at ``path``; returns the number of rows written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from datasets import Array2D, Features, List as DList, Value
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm.auto import tqdm
+
+    feats = Features({
+        "input_features": Array2D(shape=(None, feature_extractor.feature_size), dtype="float32"),  # frames-major: see collator
+        "labels": DList(Value("int32")),
+        "input_length": Value("int32"),  # samples, for length-grouped batches
+        "ref": Value("string"),
+    })
+    order = list(token_ids)
+    refs = list(ds[REF])
+    items = ((refs[i], ds[i][AUDIO]) for i in order)
+    _init_worker(feature_extractor, checker.data.max_audio_seconds, trim)
+    pool = None
+    if num_proc > 1:
+        # Threads, not processes: FFmpeg decoding and numpy's FFT release the GIL, and a forked child
+        # can inherit locks held by PyTorch/tokenizers threads and hang (spawn re-imports everything).
+        pool = ThreadPoolExecutor(max_workers=num_proc)
+        results = _bounded_map(pool, _featurise, items, window=16 * num_proc)
+    else:
+        results = map(_featurise, items)
+    written = 0
+    try:
+        with ArrowWriter(features=feats, path=str(path)) as writer:
+            for i, (mel, n, err) in tqdm(zip(order, results), total=len(order), desc=desc, unit="clip"):
+                if err is not None:
+                    checker.bad(*err)  # raises unless bad rows are skipped
+                    continue
+                writer.write({"input_features": mel, "labels": token_ids[i], "input_length": n, "ref": refs[i]})
+                written += 1
+            writer.finalize()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return written
+
+
+def _split_key(ds) -> str:
+    """Hash of the selected rows: their text, audio reference and, for files, size + mtime."""
+    h = hashlib.sha256()
+    for ref, audio, text in zip(ds[REF], ds[AUDIO], ds[TEXT]):
+        if isinstance(audio, dict):
+            if audio.get("bytes"):
+                h.update(hashlib.sha256(audio["bytes"]).digest())
+            audio = audio.get("path") or ""
+        try:
+            st = os.stat(audio) if audio else None
+            stamp = f"{st.st_size}:{st.st_mtime_ns}" if st else "-"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{ref}\x00{audio}\x00{stamp}\x00{text}\x01".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def processor_key(processor) -> str:
+    h = hashlib.sha256(processor.feature_extractor.to_json_string().encode())
+    tok = processor.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)).encode())
+    h.update(repr(tok.prefix_tokens).encode())  # language / task / timestamps prefix
+    return h.hexdigest()
+
+
+def cache_key(train, ev, processor, cfg, max_label_tokens: int) -> str:
+    d, w = cfg.data, cfg.whisper
+    relevant = {
+        "v": CACHE_VERSION,
+        "train": _split_key(train),
+        "eval": _split_key(ev) if ev is not None else None,
+        "processor": processor_key(processor),
+        "opts": [d.max_audio_seconds, d.skip_bad_rows, w.language, w.task, w.timestamps, w.trim_audio, max_label_tokens],
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "loratune" / "features"
+
+
+def set_prefix_tokens(tokenizer, whisper_cfg) -> None:
+    tokenizer.set_prefix_tokens(language=whisper_cfg.language, task=whisper_cfg.task, predict_timestamps=whisper_cfg.timestamps)
+
+
+def prepare_asr_data(cfg, processor, max_label_tokens: int = 448) -> ASRData:
+    """Load, split, validate and featurise (or reuse the cache); see the module docstring."""
+    from datasets import Dataset
+
+    data = cfg.data
+    set_prefix_tokens(processor.tokenizer, cfg.whisper)
+    train_raw, eval_raw = load_raw_splits(data)
+    key = cache_key(train_raw, eval_raw, processor, cfg, max_label_tokens)
+    root = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+    target = root / key
+    meta_path = target / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        log.info("feature cache hit: %s (%d train / %s eval examples; no re-processing)", target, meta["train_rows"], meta["eval_rows"])
+        train = Dataset.from_file(str(target / "train.arrow"))
+        ev = Dataset.from_file(str(target / "eval.arrow")) if (target / "eval.arrow").is_file() else None
+        _report_skips(meta)
+        return ASRData(train, ev, {**meta, "cache_hit": True, "cache_dir": str(target)})
+
+    checker = _Checker(data, data.skip_bad_rows)
+    # all cheap checks of both splits before any audio is decoded
+    ids = {name: _tokenise_and_precheck(ds, processor.tokenizer, checker, max_label_tokens)
+           for name, ds in (("train", train_raw), ("eval", eval_raw)) if ds is not None}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        counts = {}
+        for name, ds in (("train", train_raw), ("eval", eval_raw)):
+            if ds is None:
+                continue
+            log.info("extracting log-mel features of %d %s rows (once; cached under %s)", len(ds), name, target)
+            counts[name] = _features(ds, ids[name], processor.feature_extractor, checker, cfg.whisper.trim_audio,
+                                     tmp / f"{name}.arrow", num_proc=data.num_proc, desc=f"log-mel features ({name})")
+        if counts["train"] == 0:
+            raise DataError(f"no usable training rows left after validation ({_skip_text(checker.skipped)}); fix the data or the split options")
+        meta = {
+            "train_rows": counts["train"], "eval_rows": counts.get("eval", 0),
+            "rows_read": len(train_raw) + (len(eval_raw) if eval_raw is not None else 0),
+            "skipped": dict(checker.skipped), "skipped_examples": checker.first, "trim_audio": cfg.whisper.trim_audio,
+        }
+        if eval_raw is not None and counts.get("eval", 0) == 0:
+            (tmp / "eval.arrow").unlink()
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+        if target.exists():  # a concurrent run finished first; its copy is equivalent
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _report_skips(meta)
+    train = Dataset.from_file(str(target / "train.arrow"))
+    ev = Dataset.from_file(str(target / "eval.arrow")) if (target / "eval.arrow").is_file() else None
+    return ASRData(train, ev, {**meta, "cache_hit": False, "cache_dir": str(target)})
+
+
+def _skip_text(skipped: Dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none skipped"
+
+
+def _report_skips(meta: Dict[str, Any]) -> None:
+    total = sum(meta["skipped"].values())
+    if total:
+        log.warning("skipped %d bad rows of %d (%s); first of each: %s", total, meta["rows_read"], _skip_text(meta["skipped"]),
+                    " | ".join(meta["skipped_examples"].values()))

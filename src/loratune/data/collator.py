@@ -1,0 +1,70 @@
+"""Batch collation for Whisper fine-tuning (the tutorials' ``DataCollatorSpeechSeq2SeqWithPadding``).
+
+    collate = WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id)
+    batch = collate([{"input_features": np.ndarray (mels, frames), "labels": [ids]}, ...])
+
+* labels are padded with -100 (ignored by the loss) and, when every sequence starts with the
+  decoder-start token, that token is stripped: the model prepends it itself when it shifts the
+  labels right, so keeping it would teach the model to predict it twice;
+* log-mel features are padded along time to the batch's longest example with each example's own
+  minimum value. Whisper's feature extractor pads clips to 30 s with silence, and after its
+  ``max(log_spec, max - 8)`` floor silence is exactly that minimum; so with
+  ``whisper.trim_audio`` (features cut to each clip's real length) a batch looks as it would
+  after 30-s padding, only shorter. Without trimming every example already has 3000 frames.
+
+``frames_major=True`` accepts features stored as (frames, mels), the layout the feature cache uses
+(Arrow only allows the first dimension of a 2-D array to vary).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+def pad_features(feats: List[np.ndarray], multiple: int = 2) -> np.ndarray:
+    """Stack (mels, frames) arrays, padding time to the longest (rounded up to ``multiple``)."""
+    longest = max(f.shape[-1] for f in feats)
+    longest = -(-longest // multiple) * multiple
+    out = np.empty((len(feats), feats[0].shape[0], longest), dtype=np.float32)
+    for i, f in enumerate(feats):
+        n = f.shape[-1]
+        out[i, :, :n] = f
+        if n < longest:
+            out[i, :, n:] = f.min()
+    return out
+
+
+def pad_labels(labels: List[Any], decoder_start_token_id: Optional[int]) -> torch.Tensor:
+    """Right-pad token id lists with -100; drop a leading decoder-start token shared by all."""
+    seqs = [np.asarray(l, dtype=np.int64).reshape(-1) for l in labels]
+    if decoder_start_token_id is not None and seqs and all(len(s) and s[0] == decoder_start_token_id for s in seqs):
+        seqs = [s[1:] for s in seqs]
+    longest = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), longest), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.from_numpy(s)
+    return out
+
+
+@dataclass
+class WhisperCollator:
+    """Pads features (per-example minimum) and labels (-100) into model-ready tensors."""
+
+    decoder_start_token_id: Optional[int] = None
+    frames_major: bool = False
+    pad_to_multiple_of: int = 2  # the encoder's stride-2 convolution wants an even frame count
+
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        feats = []
+        for ex in examples:
+            f = np.asarray(ex["input_features"], dtype=np.float32)
+            if f.ndim == 3:  # (1, mels, frames) straight from a feature extractor
+                f = f[0]
+            feats.append(f.T if self.frames_major else f)
+        batch = {"input_features": torch.from_numpy(pad_features(feats, self.pad_to_multiple_of))}
+        if "labels" in examples[0]:
+            batch["labels"] = pad_labels([ex["labels"] for ex in examples], self.decoder_start_token_id)
+        return batch

@@ -1,0 +1,182 @@
+"""Whisper evaluation: generation CER/WER of a base model, an adapter, or both in one run.
+
+    loratune evaluate configs/whisper-base-hsk-qlora.yaml model.adapter=outputs/whisper-base-hsk-qlora
+    loratune evaluate configs/whisper-base-hsk-qlora.yaml eval.limit=100 eval.compare_base=false
+
+The test set is the recipe's evaluation split, read by the training data loader
+(:func:`loratune.data.asr.load_raw_splits`: same CSV/Hub/disk sources and split rules; the
+training-only ``data.max_eval_samples`` cap is ignored, ``eval.limit`` takes N rows after a shuffle
+seeded by ``eval.shuffle_seed``). With ``model.adapter`` and ``eval.compare_base=true`` the base is
+scored too, by switching the adapter off (``PeftModel.disable_adapter``) on the one loaded model.
+Metric: ``whisper.metric`` (``auto`` = CER for zh/ja/ko/th/yue, WER otherwise) on normalised text
+(:func:`loratune.metrics.normalize`). Outputs in ``eval.output_dir`` (default ``<adapter>/eval``
+or ``<train.output_dir>/eval``): ``metrics.json`` and ``predictions_<model>.csv`` (ID, reference,
+hypothesis, normalised forms, edit counts), worst utterance first; a table on screen.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .errors import DataError
+from .metrics import metric_for, score
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TestSet:
+    ids: List[str]
+    texts: List[str]
+    audios: List[np.ndarray]
+    source: str
+
+
+def load_test_set(cfg) -> TestSet:
+    """Evaluation rows of ``cfg.data`` (limit + seeded shuffle applied), audio decoded at 16 kHz."""
+    from tqdm.auto import tqdm
+
+    from .data.asr import AUDIO, REF, TEXT, _decode, load_raw_splits
+
+    data = dataclasses.replace(cfg.data, max_eval_samples=None, max_train_samples=None)
+    _, ev = load_raw_splits(data)
+    if ev is None or len(ev) == 0:
+        raise DataError("no evaluation rows: set data.eval_split (e.g. dev / test) or a split column with such rows")
+    order = list(range(len(ev)))
+    if cfg.eval.limit:
+        random.Random(cfg.eval.shuffle_seed).shuffle(order)
+        order = sorted(order[: cfg.eval.limit])
+    ev = ev.select(order)
+    ids, texts, audios = [], [], []
+    for row in tqdm(ev, desc="decode audio", unit="clip"):
+        cell = row[AUDIO]
+        path = cell if isinstance(cell, str) else (cell or {}).get("path")
+        ids.append(Path(path).name if path else row[REF])
+        texts.append(row[TEXT])
+        audios.append(_decode(cell))
+    source = data.csv or data.hub or data.disk or "?"
+    return TestSet(ids, texts, audios, f"{source} [{data.eval_split or 'held-out ' + str(data.eval_ratio)}]")
+
+
+def transcribe_all(transcriber, audios: List[np.ndarray], batch_size: int, max_new_tokens: int, desc: str) -> List[str]:
+    """Texts for ``audios`` in input order; batches are formed by length (less padding)."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
+    texts: List[str] = [""] * len(audios)
+    with tqdm(total=len(audios), desc=desc, unit="clip") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for i, t in zip(idx, transcriber([audios[i] for i in idx], max_new_tokens=max_new_tokens)):
+                texts[i] = t.text
+            bar.update(len(idx))
+    return texts
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_predictions(path: Path, ids: List[str], items) -> None:
+    """Per-utterance CSV, worst first (highest error rate, then most errors)."""
+    rows = [{"ID": i, **s.row()} for i, s in zip(ids, items)]
+    rows.sort(key=lambda r: (-r["rate"], -r["errors"], r["ID"]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, buf.getvalue())
+
+
+def default_output_dir(cfg) -> Path:
+    if cfg.eval.output_dir:
+        return Path(cfg.eval.output_dir)
+    return Path(cfg.model.adapter or cfg.train.output_dir) / "eval"
+
+
+def print_table(metric: str, results: Dict[str, Dict], examples: List[Dict]) -> None:
+    print(f"\n{'model':<9} {metric.upper():>7} {'errors':>8} {'units':>7} {'clips':>6} {'seconds':>8} {'clips/s':>8}")
+    for name, r in results.items():
+        print(f"{name:<9} {r[metric]:>7.4f} {r['errors']:>8} {r['ref_units']:>7} {r['clips']:>6} {r['seconds']:>8.1f} {r['clips_per_second']:>8.2f}")
+    if "base" in results and "adapter" in results and results["base"][metric] > 0:
+        drop = 1 - results["adapter"][metric] / results["base"][metric]
+        print(f"relative {metric.upper()} change, adapter vs base: {-drop:+.1%}")
+    for ex in examples:
+        print("\n" + "\n".join(f"  {k:<9} {v}" for k, v in ex.items()))
+
+
+def evaluate(cfg) -> Dict:
+    """Score the configured model(s); writes metrics.json + predictions CSVs; returns the metrics."""
+    import torch
+
+    from .models.inference import check_adapter, check_language, load_asr
+    from .transcribe import Transcriber
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    language = check_language(cfg.whisper.language)
+    metric = metric_for(language, cfg.whisper.metric)
+    if cfg.model.adapter:
+        check_adapter(cfg.model.adapter)
+    out_dir = default_output_dir(cfg)
+    test = load_test_set(cfg)  # data errors surface before the model loads
+    log.info("test set: %d clips from %s", len(test.ids), test.source)
+    model, processor = load_asr(cfg)
+    transcriber = Transcriber(model, processor, language, cfg.whisper.task, cfg.whisper.num_beams, timestamps=False, trim_audio=cfg.whisper.trim_audio)
+    runs = []
+    if cfg.model.adapter and cfg.eval.compare_base:
+        runs.append(("base", model.disable_adapter()))
+    runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext()))
+    results, details = {}, {}
+    for name, ctx in runs:
+        start = time.perf_counter()
+        with ctx:
+            hyps = transcribe_all(transcriber, test.audios, cfg.eval.batch_size, cfg.whisper.generation_max_length, f"generate ({name})")
+        seconds = time.perf_counter() - start
+        rate, items = score(test.texts, hyps, metric, language)
+        details[name] = items
+        results[name] = {
+            metric: round(rate, 6),
+            "errors": sum(s.counts.errors for s in items),
+            "ref_units": sum(s.counts.ref_len for s in items),
+            "clips": len(items),
+            "seconds": round(seconds, 2),
+            "clips_per_second": round(len(items) / max(seconds, 1e-9), 3),
+        }
+        write_predictions(out_dir / f"predictions_{name}.csv", test.ids, items)
+    report = {
+        "metric": metric,
+        "language": language,
+        "normalisation": "loratune.metrics.normalize (NFKC, zh-cn, lower case, punctuation/symbols/space removed; Whisper EnglishTextNormalizer for en)",
+        "test_set": test.source,
+        "limit": cfg.eval.limit,
+        "shuffle_seed": cfg.eval.shuffle_seed,
+        "model": cfg.model.name,
+        "adapter": cfg.model.adapter,
+        "quant_bits": cfg.quant.bits,
+        "results": results,
+    }
+    _write_atomic(out_dir / "metrics.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    # a few of the worst utterances of the last model, with every model's hypothesis
+    last = runs[-1][0]
+    worst = sorted(range(len(test.ids)), key=lambda i: -details[last][i].counts.rate)[:3]
+    examples = [{"ID": test.ids[i], "reference": test.texts[i], **{n: details[n][i].hypothesis for n in details}} for i in worst]
+    print_table(metric, results, examples)
+    print(f"\nwrote {out_dir / 'metrics.json'} and predictions_*.csv")
+    return report

@@ -1,0 +1,66 @@
+"""Speed levers that are not a single transformers/PEFT switch (see docs/performance.md).
+
+    from loratune.models.speed import cast_frozen, set_checkpointed_layers
+    cast_frozen(model, torch.bfloat16)   # after attach_lora: frozen fp32 copies -> bf16
+    set_checkpointed_layers(model, 0.5)  # recompute only half of the layers in backward
+
+Each lever is measured in ``benchmarks/`` and checked against the slow path by
+``tests/test_speed_paths.py``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_PACKED = ("Params4bit", "Int8Params")  # bitsandbytes storage: never cast
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every frozen floating-point parameter and buffer (not bitsandbytes-packed) to ``dtype``.
+
+    ``prepare_model_for_kbit_training`` upcasts all non-quantised weights (norms, convolutions,
+    embeddings, biases) to fp32 so that a run without autocast is stable. With bf16 autocast that
+    copy only costs bandwidth: activations stay fp32 between layers and attention runs in fp32.
+    Trainable (LoRA) weights stay fp32, so the optimiser still updates fp32 master weights.
+    Returns the number of tensors cast.
+    """
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad or not p.is_floating_point() or type(p).__name__ in _PACKED or p.dtype == dtype:
+            continue
+        p.data = p.data.to(dtype)
+        n += 1
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype and "inv_freq" not in name:
+                module._buffers[name] = buf.to(dtype)
+                n += 1
+    return n
+
+
+def checkpointing_layers(model: nn.Module):
+    """The layers gradient checkpointing acts on (transformers' ``GradientCheckpointingLayer``)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: nn.Module, fraction: Optional[float]) -> int:
+    """Keep activation checkpointing on only the first ``fraction`` of the layers (after enabling it).
+
+    Full checkpointing recomputes every layer's forward in the backward pass (+~33% compute); when
+    memory allows, storing some layers' activations buys part of that back. ``None`` or 1.0 leaves
+    every layer checkpointed. Returns how many layers stay checkpointed.
+    """
+    layers = checkpointing_layers(model)
+    if fraction is None or fraction >= 1.0:
+        return sum(bool(getattr(l, "gradient_checkpointing", False)) for l in layers)
+    keep = int(round(len(layers) * max(fraction, 0.0)))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = bool(getattr(layer, "gradient_checkpointing", False)) and i < keep
+    return keep

@@ -1,0 +1,238 @@
+"""Whisper LoRA / QLoRA fine-tuning on transformers' ``Seq2SeqTrainer``.
+
+    loratune train configs/whisper-base-hsk-qlora.yaml [key=value ...] [--resume]
+    python -c "from loratune.config import load_config; from loratune.train_asr import train; train(load_config('r.yaml'))"
+
+Order of work: resolve the model name -> processor -> data (every row validated, features cached)
+-> model (quantised per ``quant``) -> LoRA (target modules checked) -> train -> save. Every input
+error therefore stops the run before the first optimiser step.
+
+Writes to ``train.output_dir``: ``checkpoint-*`` (for ``--resume``), ``runs/`` (TensorBoard), and at
+the end the adapter only (``adapter_model.safetensors`` + ``adapter_config.json``, PEFT format),
+the processor, ``loratune_config.yaml`` (resolved config), ``loss.png`` (train/valid loss per
+epoch) and ``summary.json`` (also printed).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+CER_LANGUAGES = {"zh", "ja", "ko", "th", "yue", "my", "lo", "chinese", "japanese", "korean", "thai", "cantonese"}
+
+
+def last_complete_checkpoint(output_dir: Path) -> Optional[Path]:
+    """Highest ``checkpoint-N`` holding ``trainer_state.json`` (written last, so a run killed while
+    saving leaves a directory without it, which must not be resumed from)."""
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for p in output_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def metric_name(cfg) -> str:
+    """``cer`` or ``wer`` for generation scoring (``auto``: CER for unsegmented scripts)."""
+    if cfg.whisper.metric != "auto":
+        return cfg.whisper.metric
+    return "cer" if (cfg.whisper.language or "").lower() in CER_LANGUAGES else "wer"
+
+
+def build_compute_metrics(cfg, processor):
+    """Generation CER/WER on the validation set; None (and no generation) unless
+    ``train.generate_during_eval``. The scoring functions live in :mod:`loratune.metrics`."""
+    if not cfg.train.generate_during_eval:
+        return None
+    import numpy as np
+
+    from . import metrics  # imported only when generation scoring is asked for
+
+    name = metric_name(cfg)
+    score = getattr(metrics, name)
+    tok = processor.tokenizer
+
+    def compute_metrics(pred) -> Dict[str, float]:
+        preds = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        labels = np.where(pred.label_ids == -100, tok.pad_token_id, pred.label_ids)
+        preds = np.where(preds == -100, tok.pad_token_id, preds)
+        hyps = tok.batch_decode(preds, skip_special_tokens=True)
+        refs = tok.batch_decode(labels, skip_special_tokens=True)
+        return {name: float(score(refs, hyps, language=cfg.whisper.language))}
+
+    return compute_metrics
+
+
+def training_arguments(cfg, n_train: int, has_eval: bool):
+    """Seq2SeqTrainingArguments from ``cfg.train`` (warm-up in epochs converted to steps)."""
+    import dataclasses
+
+    import torch
+    from transformers import Seq2SeqTrainingArguments
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, math.ceil(math.ceil(n_train / (t.batch_size * world)) / t.grad_accum))
+    warmup = math.ceil(t.warmup_epochs * steps_per_epoch) if t.warmup_epochs > 0 else t.warmup_steps
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    # Checkpoints follow evaluations so the best one can be reloaded; without evaluation, one per epoch.
+    save_strategy = eval_strategy if eval_strategy != "no" else "epoch"
+    best = bool(t.load_best_model_at_end and eval_strategy != "no")
+    gen = bool(t.generate_during_eval and has_eval)
+    kwargs = dict(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        optim=t.optim,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=int(warmup),
+        max_grad_norm=t.max_grad_norm,
+        fp16=bool(t.fp16 and cuda),  # mixed precision is CUDA-only; on the CPU the switches are ignored
+        bf16=bool(t.bf16 and cuda),
+        use_cpu=not cuda,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=t.eval_steps if save_strategy == "steps" else 500,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=best,
+        metric_for_best_model=t.metric_for_best_model if best else None,
+        greater_is_better=False if best else None,  # loss, CER and WER: lower is better
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to=t.report_to,
+        seed=t.seed,
+        dataloader_num_workers=t.num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="input_length",
+        remove_unused_columns=False,  # the collator picks the columns it needs
+        label_names=["labels"],  # PeftModel.forward(*args, **kwargs) hides them from inspection
+        torch_compile=t.torch_compile,
+        predict_with_generate=gen,
+        generation_max_length=cfg.whisper.generation_max_length if gen else None,
+        generation_num_beams=cfg.whisper.num_beams if gen else None,
+    )
+    known = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
+    return Seq2SeqTrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def _summary(cfg, trainer, result, started: float, resumed_from: Optional[int], data_report, model) -> Dict[str, Any]:
+    from .reporting import peak_memory_gb
+
+    state = trainer.state
+    best_epoch = None
+    if state.best_global_step:
+        for entry in state.log_history:
+            if entry.get("step") == state.best_global_step and cfg.train.metric_for_best_model in entry:
+                best_epoch = entry.get("epoch")
+    metrics = result.metrics if result is not None else {}
+    report = getattr(model, "loratune_report", {}) or {}
+    return {
+        "output_dir": str(Path(cfg.train.output_dir).resolve()),
+        "base_model": getattr(model, "name_or_path", None) or cfg.model.name,
+        "metric_for_best_model": cfg.train.metric_for_best_model,
+        "best_metric": state.best_metric,
+        "best_epoch": best_epoch,
+        "best_checkpoint": state.best_model_checkpoint,
+        "epochs_run": round(state.epoch or 0.0, 3),
+        "global_step": state.global_step,
+        "resumed_from_step": resumed_from,
+        "wall_time_s": round(time.time() - started, 1),
+        "train_runtime_s": metrics.get("train_runtime"),
+        "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "train_loss": metrics.get("train_loss"),
+        "train_examples": data_report.get("train_rows"),
+        "eval_examples": data_report.get("eval_rows"),
+        "skipped_rows": sum(data_report.get("skipped", {}).values()),
+        "skipped_by_reason": data_report.get("skipped", {}),
+        "feature_cache_hit": data_report.get("cache_hit"),
+        **peak_memory_gb(),
+        **report,
+    }
+
+
+def train(cfg) -> Dict[str, Any]:
+    """Run one fine-tune as configured; returns the summary dict (also in ``summary.json``)."""
+    import torch
+    from transformers import EarlyStoppingCallback, Seq2SeqTrainer, set_seed
+
+    from .config import save_config
+    from .data.asr import prepare_asr_data
+    from .data.collator import WhisperCollator
+    from .models.whisper import attach_whisper_lora, load_processor, load_whisper, max_label_tokens, resolve_name
+    from .reporting import epoch_losses, format_summary, plot_losses, write_json
+
+    started = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.train.output_dir)
+
+    resume_from = None
+    if cfg.train.resume:
+        ckpt = last_complete_checkpoint(out)
+        if ckpt is None:
+            log.warning("train.resume: no complete checkpoint in %s; starting from scratch", out)
+        else:
+            resume_from = ckpt
+            log.info("resuming from %s", ckpt)
+
+    # 1. data: every row validated (and features cached) before the model is even loaded
+    path = resolve_name(cfg.model.name)
+    processor = load_processor(path)
+    data = prepare_asr_data(cfg, processor, max_label_tokens=max_label_tokens(path))
+    if data.eval is None and cfg.train.eval_strategy != "no":
+        raise DataError("no validation rows (the eval split is empty or every row was skipped); "
+                        "set data.eval_split / data.eval_ratio, or train.eval_strategy=no")
+    # 2. model + adapter (target modules are checked here, still before any training)
+    set_seed(cfg.train.seed)
+    model, _, path = load_whisper(cfg, for_training=True)  # keep the processor with the prefix set
+    model = attach_whisper_lora(model, cfg)
+    # Whisper's forward takes **kwargs but ignores `num_items_in_batch`, so the Trainer would wrongly
+    # multiply its per-rank mean loss by the world size under DDP (2x gradients and logged loss on
+    # 2 ranks; caught by tests/test_distributed.py). Declare the truth so DDP averages plain means.
+    model.get_base_model().accepts_loss_kwargs = False
+
+    args = training_arguments(cfg, len(data.train), data.eval is not None)
+    callbacks = []
+    if cfg.train.early_stopping_patience and args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train.with_format("numpy"),
+        eval_dataset=data.eval.with_format("numpy") if data.eval is not None else None,
+        data_collator=WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id, frames_major=True),
+        processing_class=processor.feature_extractor,
+        compute_metrics=build_compute_metrics(cfg, processor),
+        callbacks=callbacks,
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    resumed_step = int(resume_from.name.split("-")[1]) if resume_from else None
+
+    summary = _summary(cfg, trainer, result, started, resumed_step, data.report, model)
+    if trainer.is_world_process_zero():  # under DDP only rank 0 writes
+        trainer.model.save_pretrained(out, safe_serialization=True)  # PEFT: the adapter only
+        processor.save_pretrained(out)
+        save_config(cfg, out)
+        curves = epoch_losses(trainer.state.log_history)
+        summary["loss_per_epoch"] = curves
+        plot_losses(curves, out / "loss.png", title=f"{Path(cfg.model.name).name}: loss per epoch")
+        write_json(summary, out / "summary.json")
+        print(format_summary(summary), flush=True)
+    return summary

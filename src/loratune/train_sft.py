@@ -1,0 +1,186 @@
+"""Causal-LM (Q)LoRA supervised fine-tuning with TRL's SFTTrainer (``task: sft``).
+
+    loratune train configs/gemma3-270m-hsk-zh-en-qlora.yaml
+    loratune train configs/phi3-mini-yoda-qlora.yaml train.epochs=1 --resume
+
+Order of work: data checks and tokenisation first (bad rows, empty answers, over-long prompts and a
+missing chat template stop the run before the model loads), then the base model (quantised per
+``quant``), LoRA targets checked against its real layers, training, and the outputs in
+``train.output_dir``: the adapter (safetensors), the tokenizer, ``loratune_config.yaml``,
+``loss.png`` and ``summary.json``. ``model.adapter=<output_dir>`` then uses it anywhere.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import List
+
+from .config import RunConfig, save_config
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def plot_losses(log_history: List[dict], path: Path) -> None:
+    """Training (and validation) loss against optimiser steps, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".loss.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def sft_args(cfg: RunConfig, n_train: int):
+    """TRL SFTConfig from the TrainSection (warm-up as a fraction of an epoch, CPU-safe precision)."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    steps_per_epoch = max(1, math.ceil(n_train / (t.batch_size * t.grad_accum)))
+    warmup = math.ceil(t.warmup_epochs * steps_per_epoch) if t.warmup_epochs else t.warmup_steps
+    save_strategy = t.eval_strategy if t.eval_strategy != "no" else "epoch"
+    return SFTConfig(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        optim=t.optim,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=warmup,
+        max_grad_norm=t.max_grad_norm,
+        fp16=t.fp16 and on_gpu,  # mixed precision is a GPU feature; the CPU trains in compute_dtype
+        bf16=t.bf16 and on_gpu,  # (SFTConfig would default bf16 to True otherwise)
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=t.eval_steps if save_strategy == "steps" else 500,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no",
+        metric_for_best_model=t.metric_for_best_model,
+        greater_is_better=False,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        seed=t.seed,
+        data_seed=cfg.data.seed,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        dataloader_num_workers=t.num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length and not cfg.sft.packing else "random",
+        torch_compile=t.torch_compile,
+        use_cpu=not on_gpu,
+        # data prepared by loratune.data.sft: TRL keeps our labels, truncates and packs
+        max_length=cfg.sft.max_length,
+        packing=cfg.sft.packing,
+        packing_strategy="wrapped" if cfg.sft.packing else "bfd",  # bfd needs flash-attention's padding-free path
+        completion_only_loss=cfg.sft.completion_only_loss,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+    )
+
+
+def _last_checkpoint(output_dir: str):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run one SFT job end to end; returns the summary written to ``summary.json``."""
+    import torch
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    from .data.sft import build_sft_datasets
+    from .models.adapters import attach_lora
+    from .models.causal import load_causal_lm, load_tokenizer
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.train.output_dir)
+    resume_from = None
+    if cfg.train.resume:
+        resume_from = _last_checkpoint(cfg.train.output_dir)
+        if resume_from is None:
+            raise ConfigError(f"train.resume=true but {out} has no checkpoint-* folder; drop --resume to start fresh")
+    start = time.time()
+    tokenizer = load_tokenizer(cfg)
+    train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)  # all data errors surface here
+    model = load_causal_lm(cfg, trainable=True)
+    model = attach_lora(model, cfg, task_type="CAUSAL_LM")
+    args = sft_args(cfg, len(train_ds))
+    callbacks = []
+    if cfg.train.early_stopping_patience is not None:
+        if not args.load_best_model_at_end:
+            raise ConfigError("train.early_stopping_patience needs train.load_best_model_at_end=true")
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if cfg.train.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)  # written first, so a crashed run still says what it was
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(str(out))  # adapter_model.safetensors + adapter_config.json (+ tokenizer)
+    tokenizer.save_pretrained(str(out))
+    metrics = {}
+    if eval_ds is not None and cfg.train.eval_strategy != "no":
+        metrics = trainer.evaluate()
+    plot_losses(trainer.state.log_history, out / "loss.png")
+    summary = {
+        "task": "sft",
+        "model": cfg.model.name,
+        "quant_bits": cfg.quant.bits,
+        "output_dir": str(out),
+        "train_examples": len(train_ds),
+        "eval_examples": len(eval_ds),
+        "data": data_report,
+        "global_steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": result.training_loss,
+        "eval_loss": metrics.get("eval_loss"),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "wall_seconds": round(time.time() - start, 1),
+        **getattr(model, "loratune_report", {}),
+    }
+    _write_json(out / "summary.json", summary)
+    log.info("adapter saved to %s (train loss %.4f, eval loss %s, %.0f s)", out, result.training_loss,
+             summary["eval_loss"], summary["wall_seconds"])
+    return summary

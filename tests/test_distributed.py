@@ -1,0 +1,131 @@
+"""Multi-process training through torchrun on the CPU (gloo): same result as one process.
+
+Two ranks with per-device batch B must match one process with batch 2B (same global batch, same
+data order, dropout off): loss after N steps and adapter weights within tolerance. A killed rank
+fails the run with a clear message, and ``--resume`` continues from the last checkpoint.
+Run: python -m pytest -q tests/test_distributed.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_asr_data import hsk_clips, write_csv
+from tiny import make_tiny_whisper
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "whisper-base-hsk-qlora.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper_ddp"))
+
+
+@pytest.fixture(scope="module")
+def clips_csv(tmp_path_factory, hsk_dir):
+    return write_csv(tmp_path_factory.mktemp("hsk_ddp") / "clips.csv", hsk_clips(hsk_dir, 16))
+
+
+def overrides(tiny, clips_csv, hsk_dir, out, batch, *extra):
+    return [
+        f"model.name={tiny}", f"data.csv={clips_csv}", f"data.audio_dir={hsk_dir / 'audio'}",
+        "data.eval_split=null", "data.eval_ratio=0.25", f"data.cache_dir={out.parent / 'cache'}",
+        f"train.output_dir={out}", f"train.batch_size={batch}", "train.logging_steps=1", "train.threads=1",
+        # dropout off and 30-s padding (trimming pads each batch to its own longest clip, so 1x4 and 2x2
+        # batches would see different encoder inputs); SGD so weight changes are linear in the gradient
+        "lora.dropout=0.0", "quant.bits=0", "whisper.trim_audio=false", "train.group_by_length=false",
+        "train.optim=sgd", "train.lr=0.05",
+        "train.report_to=[none]", "train.warmup_epochs=0", "train.scheduler=constant", *extra,
+    ]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), CUDA_VISIBLE_DEVICES="")
+    return e
+
+
+def loratune(*args, gpus=None, timeout=600, **kw):
+    cmd = [sys.executable, "-m", "loratune", *args] + ([f"--gpus={gpus}"] if gpus else [])
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
+
+
+def adapter(out: Path):
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def worker_rank_pid(session: int, rank: int):
+    """PID of the torchrun worker with LOCAL_RANK=rank in process session ``session``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(proc.name)) != session:
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if f"LOCAL_RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ):
+            return int(proc.name)
+    return None
+
+
+def test_two_gloo_ranks_match_one_process(tiny, clips_csv, hsk_dir, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = ["train.max_steps=3", "train.eval_strategy=no"]
+    r1 = loratune("train", str(RECIPE), *overrides(tiny, clips_csv, hsk_dir, single, 4, *common))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = loratune("train", str(RECIPE), *overrides(tiny, clips_csv, hsk_dir, ddp, 2, *common), gpus=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    s1, s2 = summary(single), summary(ddp)
+    assert s1["global_step"] == s2["global_step"] == 3
+    assert abs(s1["train_loss"] - s2["train_loss"]) <= 0.02 * abs(s1["train_loss"]), (s1["train_loss"], s2["train_loss"])
+    a1, a2 = adapter(single), adapter(ddp)
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        diff = (a1[k].float() - a2[k].float()).norm() / max(a1[k].float().norm(), 1e-8)
+        assert diff < 0.02, (k, float(diff))
+    # only rank 0 wrote outputs: one summary, one adapter, no per-rank copies
+    assert sorted(p.name for p in ddp.glob("summary*.json")) == ["summary.json"]
+
+
+def test_killed_rank_fails_clearly_and_resume_continues(tiny, clips_csv, hsk_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = overrides(tiny, clips_csv, hsk_dir, out, 2, "train.max_steps=40", "train.eval_strategy=steps",
+                     "train.eval_steps=2", "train.save_total_limit=2", "train.load_best_model_at_end=false")
+    cmd = [sys.executable, "-m", "loratune", "train", str(RECIPE), *args, "--gpus=2"]
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    victim = None
+    while time.time() < deadline and proc.poll() is None:
+        if list(out.glob("checkpoint-*/trainer_state.json")):
+            victim = worker_rank_pid(proc.pid, rank=1)  # a worker, not the launcher
+            if victim:
+                os.kill(victim, signal.SIGKILL)
+                break
+        time.sleep(0.5)
+    assert victim is not None, "no checkpoint appeared before the deadline"
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rerun with --resume" in output
+    done = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/trainer_state.json"))
+    assert done, "the checkpoint vanished"
+    r = loratune("train", str(RECIPE), *args, "--resume", gpus=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(out)
+    assert s["global_step"] == 40 and s["resumed_from_step"] == done[-1]
