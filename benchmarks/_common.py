@@ -25,6 +25,14 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 GiB = 1024**3
 
 
+def quiet() -> None:
+    """Keep transformers' per-call warnings (max_length vs max_new_tokens ...) out of the tables."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def scratch_dir() -> Path:
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
     path = base / "loratune-bench"
@@ -39,6 +47,7 @@ def out_dir() -> Path:
 
 
 def versions() -> Dict[str, str]:
+    quiet()
     info = {"python": sys.version.split()[0], "torch": torch.__version__}
     for name in ("transformers", "peft", "bitsandbytes", "accelerate", "liger_kernel"):
         try:

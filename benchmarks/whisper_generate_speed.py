@@ -53,11 +53,11 @@ VARIANTS = [
     ("HF default: fp16, bs 32", torch.float16, 32, "full", {}),
     ("bf16, bs 32", torch.bfloat16, 32, "full", {}),
     ("bf16, bs 128", torch.bfloat16, 128, "full", {}),
-    ("bf16, bs 128, static cache (compiled decoder)", torch.bfloat16, 128, "full", {"static": True}),
-    ("bf16, bs 128, static cache + compiled encoder", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True}),
     ("short clips padded to 30 s: bf16, bs 128", torch.bfloat16, 128, "hsk", {}),
     ("short clips trimmed: bf16, bs 128", torch.bfloat16, 128, "hsk", {"trim": True}),
     ("short clips trimmed: bf16, bs 256", torch.bfloat16, 256, "hsk", {"trim": True}),
+    ("bf16, bs 128, static cache (compiled decoder)", torch.bfloat16, 128, "full", {"static": True}),
+    ("bf16, bs 128, static cache + compiled encoder", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True}),
 ]
 
 

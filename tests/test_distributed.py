@@ -68,18 +68,19 @@ def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def worker_rank_pid(session: int, rank: int):
-    """PID of the torchrun worker with LOCAL_RANK=rank in process session ``session``."""
+def worker_rank_pid(marker: str, rank: int):
+    """PID of the torchrun worker with LOCAL_RANK=rank whose command line mentions ``marker``.
+
+    (torchrun starts its workers in sessions of their own, so they are found by environment.)"""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if os.getsid(int(proc.name)) != session:
-                continue
             environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ProcessLookupError):
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
             continue
-        if f"LOCAL_RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ):
+        if f"LOCAL_RANK={rank}".encode() in environ and marker.encode() in cmdline:
             return int(proc.name)
     return None
 
@@ -114,12 +115,14 @@ def test_killed_rank_fails_clearly_and_resume_continues(tiny, clips_csv, hsk_dir
     victim = None
     while time.time() < deadline and proc.poll() is None:
         if list(out.glob("checkpoint-*/trainer_state.json")):
-            victim = worker_rank_pid(proc.pid, rank=1)  # a worker, not the launcher
+            victim = worker_rank_pid(str(out), rank=1)  # a worker, not the launcher
             if victim:
                 os.kill(victim, signal.SIGKILL)
                 break
         time.sleep(0.5)
-    assert victim is not None, "no checkpoint appeared before the deadline"
+    if victim is None:
+        proc.kill()
+        pytest.fail("no worker killed; run output:\n" + proc.communicate()[0][-3000:])
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "rerun with --resume" in output

@@ -69,12 +69,15 @@ def test_base_and_adapter_in_one_run(models, small_csv, hsk_dir, tmp_path, capsy
 
 
 def test_limit_is_a_seeded_shuffle(models, small_csv, hsk_dir, tmp_path):
-    base, _ = models
+    base, adapter = models
     ids = []
     for run, seed in ((1, 3), (2, 3), (3, 4)):
-        # run 2 also exercises the short-clip mode (encoder fed the batch's real length)
-        evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / str(run), "eval.limit=3", f"eval.shuffle_seed={seed}", "whisper.metric=wer", f"whisper.trim_audio={run == 2}"))
-        rows = list(csv.DictReader(open(tmp_path / str(run) / "predictions_base.csv", encoding="utf-8")))
+        # run 2: the adapter alone, in short-clip mode (encoder fed the batch's real length)
+        extra = [f"model.adapter={adapter}", "eval.compare_base=false", "whisper.trim_audio=true"] if run == 2 else []
+        report = evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / str(run), "eval.limit=3", f"eval.shuffle_seed={seed}", "whisper.metric=wer", *extra))
+        name = "adapter" if run == 2 else "base"
+        assert list(report["results"]) == [name]
+        rows = list(csv.DictReader(open(tmp_path / str(run) / f"predictions_{name}.csv", encoding="utf-8")))
         ids.append(sorted(r["ID"] for r in rows))
         assert json.loads((tmp_path / str(run) / "metrics.json").read_text())["metric"] == "wer"
     assert len(ids[0]) == 3 and ids[0] == ids[1]

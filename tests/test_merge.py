@@ -128,3 +128,27 @@ def test_merge_causal_lm_via_cli(tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
     assert AutoTokenizer.from_pretrained(str(out)).decode([400, 401]) == tok.decode([400, 401])
     assert main(["merge", f"model.name={base_dir}", str(out)]) == 2  # no adapter: clear error, exit 2
+
+
+@pytest.mark.slow
+def test_merge_real_whisper_base_4bit_adapter(hsk_dir, tmp_path):
+    """Packaged whisper-base: adapter trained 2 steps on an NF4 base, merged into the fp32 base;
+    the merged model transcribes real clips exactly like base + adapter."""
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    from loratune.transcribe import Transcriber
+    from loratune.weights.resolve import resolve_model
+
+    base = resolve_model("whisper-base")
+    adapter = make_tiny_lora_adapter(base, tmp_path / "adapter", bits=4, steps=2)
+    cfg = load_config(None, ["model.name=whisper-base", f"model.adapter={adapter}", "quant.bits=4"])
+    out = merge(cfg, str(tmp_path / "merged"))
+    clips = [load_audio(hsk_dir / "audio" / f"hsk1-000{i}.mp3") for i in (1, 2, 3)]
+    tuned = PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(base), str(adapter)).eval()
+    merged_cfg = load_config(None, [f"model.name={out}"])
+    merged_tr = Transcriber.from_config(merged_cfg)
+    tuned_tr = Transcriber(tuned, merged_tr.processor, "zh")
+    merged_text = [t.text for t in merged_tr(clips, max_new_tokens=40)]
+    assert merged_text == [t.text for t in tuned_tr(clips, max_new_tokens=40)]
+    assert all(merged_text)

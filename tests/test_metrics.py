@@ -56,6 +56,7 @@ def test_metric_for_language():
     assert metric_for("zh") == "cer" and metric_for("ja") == "cer" and metric_for("yue") == "cer"
     assert metric_for("en") == "wer" and metric_for("de") == "wer" and metric_for(None) == "wer"
     assert metric_for("zh", "wer") == "wer"
+    assert metric_for("Chinese") == "cer" and metric_for("<|ja|>") == "cer" and metric_for("english") == "wer"
     with pytest.raises(ValueError):
         metric_for("zh", "bleu")
 
@@ -84,3 +85,5 @@ def test_compute_metrics_replaces_minus_100_and_decodes():
     assert out == {"cer": pytest.approx(1 / 8)}
     out = metrics.build_compute_metrics(Proc(), "auto", language="en")(EvalPrediction(predictions=preds, label_ids=labels))
     assert set(out) == {"wer"}
+    tok.set_prefix_tokens(language="chinese")  # auto + no language: the tokenizer's prompt language decides
+    assert set(metrics.build_compute_metrics(Proc(), "auto")(EvalPrediction(predictions=preds, label_ids=labels))) == {"cer"}

@@ -110,7 +110,7 @@ def test_bad_uploads_get_4xx_and_server_survives(tiny_server, hsk_dir):
         ("empty.wav", b"", 400, "empty"),
         ("notes.mp3", b"this is not audio at all" * 10, 415, "cannot decode"),
         ("silence.wav", wav_bytes(np.zeros(32000, np.float32)), 422, "silent"),
-        ("long.wav", wav_bytes(0.1 * np.sin(np.arange(25 * 16000) / 7)), 413, "20-s limit"),
+        ("long.wav", wav_bytes(0.1 * np.sin(np.arange(25 * 16000) / 7)), 413, "20-s limit; cut it or raise serve.max_audio_seconds"),
         ("huge.wav", b"\0" * (3 * 1024 * 1024), 413, "MB"),
     ]
     for name, data, status, msg in cases:
@@ -147,7 +147,7 @@ def _browser_upload(url: str, audio_file: Path, screenshot: Path) -> str:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
             # a non-audio file shows the server's message on the page
-            bad = screenshot.parent / "not-audio.mp3"
+            bad = audio_file.parent / "not-audio.mp3"
             bad.write_text("plain text")
             page.set_input_files("#file", str(bad))
             page.click("#send")
@@ -171,7 +171,7 @@ def test_browser_upload_whisper_base_screenshot(hsk_dir, repo_root, tmp_path):
     from loratune.metrics import cer
 
     shot = repo_root / "docs" / "serve-screenshot.png"
-    clip = tmp_path / "hsk2-upload.mp3"
+    clip = tmp_path / "hsk1-0002.mp3"
     clip.write_bytes((hsk_dir / "audio" / "hsk1-0002.mp3").read_bytes())
     with _serve("whisper-base") as srv:
         text = _browser_upload(srv.url, clip, shot)

@@ -113,6 +113,24 @@ def test_messages_csv_disk_renames_and_split_column(tmp_path, tok):
     assert (len(train), len(evald)) == (4, 2)
 
 
+def test_hsk_recipe_trains_on_train_rows_only(repo_root, hsk_dir, tok, monkeypatch):
+    monkeypatch.chdir(repo_root)  # the recipe's data path is relative to the checkout
+    cfg = load_config(repo_root / "configs" / "gemma3-270m-hsk-zh-en-qlora.yaml")
+    train_raw, eval_raw = split_train_eval(cfg.data)
+    assert set(train_raw["split"]) == {"train"} and set(eval_raw["split"]) == {"dev"}
+    assert len(train_raw) == cfg.data.max_train_samples and {"prompt", "completion"} <= set(train_raw.column_names)
+    ids, n = encode_example(tok, cfg.sft, "instruction", train_raw[0]["prompt"], train_raw[0]["completion"])
+    assert "Translate to English: " + train_raw[0]["prompt"] in tok.decode(ids[:n])
+
+
+def test_clean_answer_cuts_at_the_next_section():
+    from loratune.generate import clean_answer
+
+    assert clean_answer(" I like tea.\n\n### Answer:\nI like", "instruction") == "I like tea."
+    assert clean_answer("I like tea.\n\n###", "instruction") == "I like tea."  # generation stops on the marker
+    assert clean_answer("a ### b", "chat") == "a ### b"
+
+
 # ---------------------------------------------------------------- bad input: clear, early errors
 
 
@@ -172,6 +190,9 @@ def test_bad_model_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="without config.json"):
         resolve_causal(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="is a LoRA adapter: pass it as model.adapter"):
+        resolve_causal(str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------- end to end on tiny models
@@ -184,6 +205,8 @@ def test_qlora_sft_on_cpu_saves_adapter_generates_and_evaluates(tmp_path, arch, 
     out = tmp_path / "run"
     common = ["task=sft", f"model.name={model_dir}", f"data.jsonl={data}", "quant.bits=4", "quant.compute_dtype=float32",
               f"lora.target_modules={targets}", "train.report_to=[none]", "train.threads=1"]
+    if arch == "gemma3":  # the instruction template end to end (stop strings, answer cutting)
+        common.append("sft.template=instruction")
     rc = main(["train", *common, "train.max_steps=4", "train.batch_size=4", "train.lr=1e-2", f"train.output_dir={out}",
                "train.warmup_epochs=0.5", "train.early_stopping_patience=2", "train.eval_strategy=steps", "train.eval_steps=2"])
     assert rc == 0

@@ -135,8 +135,8 @@ def test_check_audio_limits():
     assert check_audio(tone, "t", 2.0) is tone
     with pytest.raises(DataError, match="zero samples"):
         check_audio(np.zeros(0, np.float32), "t", 2.0)
-    with pytest.raises(DataError, match="7200 s long"):  # a 2-hour file against a 1-hour limit
-        check_audio(np.full(7200 * SR, 0.1, np.float32), "t", 3600.0)
+    with pytest.raises(DataError, match="7200 s long.*raise transcribe.max_audio_seconds"):  # a 2-hour file, 1-hour limit
+        check_audio(np.full(7200 * SR, 0.1, np.float32), "t", load_config().transcribe.max_audio_seconds)  # the default cap
 
 
 @pytest.mark.slow
@@ -165,8 +165,8 @@ def test_long_form_two_minutes_of_hsk_with_whisper_base(hsk_dir, tmp_path):
     clip_rate, (clip_items,) = score([ref], ["".join(per_clip)], "cer", "zh")
     print(f"\n{len(clips)} clips, {long.duration:.1f} s: long-form CER {long_rate:.4f} {long_items.counts}; per-clip CER {clip_rate:.4f} {clip_items.counts}")
     # lost or doubled words at the 30-s window borders would show up as extra deletions/insertions
-    assert long_rate <= clip_rate + 0.05
-    assert long_items.counts.deletions <= clip_items.counts.deletions + 10
-    assert long_items.counts.insertions <= clip_items.counts.insertions + 10
+    assert long_rate <= clip_rate + 0.03
+    assert long_items.counts.deletions <= clip_items.counts.deletions + 5
+    assert long_items.counts.insertions <= clip_items.counts.insertions + 5
     ends = [s.end for s in long.segments]
     assert ends == sorted(ends) and ends[-1] <= long.duration + 0.5

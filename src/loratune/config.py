@@ -290,8 +290,8 @@ class TranscribeSection:
     """Outputs per file: any of ``txt``, ``srt``, ``vtt``, ``json``."""
     batch_size: int = 8
     """Files decoded together (clips up to 30 s; longer files run Whisper's sequential long-form)."""
-    max_audio_seconds: float = 14400.0
-    """Longest file accepted (4 h); longer files are refused with a message."""
+    max_audio_seconds: float = 3600.0
+    """Longest file accepted (1 h); longer files (a 2-hour recording) are refused with a message: raise it to go on."""
     min_rms: float = 1.0e-4
     """Files whose RMS level is below this are called silent and refused."""
     skip_bad_files: bool = False

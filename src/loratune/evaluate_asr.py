@@ -8,7 +8,8 @@ The test set is the recipe's evaluation split, read by the training data loader
 training-only ``data.max_eval_samples`` cap is ignored, ``eval.limit`` takes N rows after a shuffle
 seeded by ``eval.shuffle_seed``). With ``model.adapter`` and ``eval.compare_base=true`` the base is
 scored too, by switching the adapter off (``PeftModel.disable_adapter``) on the one loaded model.
-Metric: ``whisper.metric`` (``auto`` = CER for zh/ja/ko/th/yue, WER otherwise) on normalised text
+``whisper.trim_audio`` (short-clip mode) applies to the adapter only: the base is scored on
+Whisper's native 30-s input. Metric: ``whisper.metric`` (``auto`` = CER for zh/ja/ko/th/yue, WER otherwise) on normalised text
 (:func:`loratune.metrics.normalize`). Outputs in ``eval.output_dir`` (default ``<adapter>/eval``
 or ``<train.output_dir>/eval``): ``metrics.json`` and ``predictions_<model>.csv`` (ID, reference,
 hypothesis, normalised forms, edit counts), worst utterance first; a table on screen.
@@ -145,6 +146,9 @@ def evaluate(cfg) -> Dict:
     runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext()))
     results, details = {}, {}
     for name, ctx in runs:
+        # The untuned base always sees Whisper's native 30-s padded input: fed trimmed input it
+        # falls into repetition loops (measured on whisper-base/HSK), which would inflate "before".
+        transcriber.trim_audio = cfg.whisper.trim_audio and name == "adapter"
         start = time.perf_counter()
         with ctx:
             hyps = transcribe_all(transcriber, test.audios, cfg.eval.batch_size, cfg.whisper.generation_max_length, f"generate ({name})")

@@ -21,15 +21,13 @@ from typing import Any, List
 from .config import GenerateSection
 from .errors import ConfigError, DataError
 
-STOP_MARKERS = ("\n### ", "### Instruction", "### Response")
-"""Where the instruction format's next section would start: an answer ends there."""
+STOP_MARKER = "###"
+"""Where the instruction format's next section (``### Instruction`` / ``### Response``) starts: an answer ends there."""
 
 
 def clean_answer(text: str, template: str) -> str:
-    if template == "instruction":
-        cut = [text.find(m) for m in STOP_MARKERS if m in text]
-        if cut:
-            text = text[: min(cut)]
+    if template == "instruction" and STOP_MARKER in text:
+        text = text[: text.find(STOP_MARKER)]
     return text.strip()
 
 
@@ -50,7 +48,7 @@ def generate_batch(model, tokenizer, prompts: List[Any], cfg, template: str, max
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams,
                   repetition_penalty=gen.repetition_penalty, eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=pad)
     if template == "instruction":  # stop where the format's next section would begin (clean_answer cuts it)
-        kwargs.update(stop_strings=["###"], tokenizer=tokenizer)
+        kwargs.update(stop_strings=[STOP_MARKER], tokenizer=tokenizer)
     if gen.do_sample:
         torch.manual_seed(gen.seed)
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)

@@ -47,8 +47,18 @@ def _english_normalizer():
     return EnglishTextNormalizer(json.loads(text))
 
 
+def language_code(language: Optional[str]) -> str:
+    """``"Chinese"`` / ``"<|zh|>"`` / ``"zh"`` -> ``"zh"`` (Whisper's codes); unknown names pass through."""
+    lang = (language or "").lower().strip().strip("<|>")
+    if len(lang) > 3:
+        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+        lang = TO_LANGUAGE_CODE.get(lang, lang)
+    return lang
+
+
 def _is_english(language: Optional[str]) -> bool:
-    return (language or "").lower() in ("en", "english")
+    return language_code(language) == "en"
 
 
 def normalize(text: str, language: Optional[str] = None) -> str:
@@ -70,7 +80,7 @@ def metric_for(language: Optional[str], choice: str = "auto") -> str:
         return choice
     if choice != "auto":
         raise ValueError(f"metric {choice!r}: choose cer, wer or auto")
-    return "cer" if (language or "").lower() in CER_LANGUAGES else "wer"
+    return "cer" if language_code(language) in CER_LANGUAGES else "wer"
 
 
 def _units(normalised: str, metric: str) -> List[str]:
@@ -167,12 +177,14 @@ def build_compute_metrics(processor, metric: str = "cer", language: Optional[str
     Returns ``{"cer": x}`` (or ``{"wer": x}``); the trainer reports it as ``eval_cer``, which
     ``metric_for_best_model=eval_cer`` (lower is better) can select on. ``-100`` in labels (and in
     predictions, which the trainer pads with -100 across batches) becomes the pad token first.
-    ``metric="auto"`` picks by ``language``.
+    ``metric="auto"`` picks by ``language``, which defaults to the language the tokenizer's decoder
+    prompt is set to (``tokenizer.set_prefix_tokens(language=...)``).
     """
     import numpy as np
 
-    metric = metric_for(language, metric)
     tokenizer = getattr(processor, "tokenizer", processor)
+    language = language or getattr(tokenizer, "language", None)
+    metric = metric_for(language, metric)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def compute_metrics(pred) -> Dict[str, float]:

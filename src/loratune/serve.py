@@ -132,23 +132,38 @@ class Batcher:
                     fut.set_result(res)
 
 
-def decode_upload(data: bytes, filename: str, max_seconds: float, min_rms: float):
-    """Bytes of an uploaded file -> checked 16-kHz audio; DataError with a message otherwise."""
-    from .audio import load_audio
-    from .transcribe import check_audio
+class UploadError(Exception):
+    """An upload the service refuses: HTTP ``status`` and a one-line message."""
 
-    suffix = Path(filename or "upload").suffix[:10] or ".bin"
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+STATUS = {"empty": 400, "too_long": 413, "silent": 422}
+
+
+def decode_upload(data: bytes, filename: str, max_seconds: float, min_rms: float):
+    """Bytes of an uploaded file -> checked 16-kHz audio; UploadError (status + message) otherwise."""
+    from .audio import load_audio
+    from .transcribe import audio_problem
+
+    name = filename or "upload"
+    suffix = Path(name).suffix[:10] or ".bin"
     fd, tmp = tempfile.mkstemp(suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         try:
             audio = load_audio(tmp)
-        except DataError as exc:
-            raise DataError(str(exc).replace(tmp, filename or "upload")) from exc
+        except DataError as exc:  # not decodable as audio
+            raise UploadError(415, str(exc).replace(tmp, name)) from exc
     finally:
         os.unlink(tmp)
-    return check_audio(audio, filename or "upload", max_seconds, min_rms)
+    problem = audio_problem(audio, max_seconds, min_rms, "serve.max_audio_seconds")
+    if problem:
+        raise UploadError(STATUS[problem[0]], f"{name}: {problem[1]}")
+    return audio
 
 
 def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float = 1e-4):
@@ -206,10 +221,8 @@ def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float =
             raise HTTPException(400, f"{file.filename}: empty upload (0 bytes)")
         try:
             audio = await asyncio.to_thread(decode_upload, data, file.filename, opts.max_audio_seconds, min_rms)
-        except DataError as exc:
-            msg = str(exc)
-            status = 413 if "limit" in msg else 422 if "silent" in msg else 400 if "zero samples" in msg else 415
-            raise HTTPException(status, msg) from exc
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
         start = time.perf_counter()
         result = await app.state.batcher.submit(audio)
         return {**result.to_dict(), "model": model_label, "processing_seconds": round(time.perf_counter() - start, 3)}

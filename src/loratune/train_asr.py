@@ -73,6 +73,24 @@ def build_compute_metrics(cfg, processor):
     return compute_metrics
 
 
+def token_mean_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy summed over label tokens / label tokens of the whole optimiser step.
+
+    The Trainer counts ``num_items_in_batch`` over every accumulated micro-batch and every rank, so
+    each token weighs the same however the step is split: 2 ranks x batch 2 give the gradient of
+    1 process x batch 4, and accumulation no longer over-weights short transcripts (the model's own
+    loss is a per-micro-batch mean, a mean of means under accumulation and DDP).
+    """
+    import torch.nn.functional as F
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    labels = labels.to(logits.device)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+    return total / count
+
+
 def training_arguments(cfg, n_train: int, has_eval: bool):
     """Seq2SeqTrainingArguments from ``cfg.train`` (warm-up in epochs converted to steps)."""
     import dataclasses
@@ -114,7 +132,7 @@ def training_arguments(cfg, n_train: int, has_eval: bool):
         load_best_model_at_end=best,
         metric_for_best_model=t.metric_for_best_model if best else None,
         greater_is_better=False if best else None,  # loss, CER and WER: lower is better
-        logging_steps=t.logging_steps,
+        logging_steps=max(1, min(t.logging_steps, steps_per_epoch)),  # >= 1 train-loss point per epoch for loss.png
         logging_first_step=True,
         report_to=t.report_to,
         seed=t.seed,
@@ -170,6 +188,7 @@ def _summary(cfg, trainer, result, started: float, resumed_from: Optional[int], 
 def train(cfg) -> Dict[str, Any]:
     """Run one fine-tune as configured; returns the summary dict (also in ``summary.json``)."""
     import torch
+    from accelerate import PartialState
     from transformers import EarlyStoppingCallback, Seq2SeqTrainer, set_seed
 
     from .config import save_config
@@ -195,7 +214,8 @@ def train(cfg) -> Dict[str, Any]:
     # 1. data: every row validated (and features cached) before the model is even loaded
     path = resolve_name(cfg.model.name)
     processor = load_processor(path)
-    data = prepare_asr_data(cfg, processor, max_label_tokens=max_label_tokens(path))
+    with PartialState().main_process_first():  # under DDP rank 0 fills the feature cache, the others reuse it
+        data = prepare_asr_data(cfg, processor, max_label_tokens=max_label_tokens(path))
     if data.eval is None and cfg.train.eval_strategy != "no":
         raise DataError("no validation rows (the eval split is empty or every row was skipped); "
                         "set data.eval_split / data.eval_ratio, or train.eval_strategy=no")
@@ -203,9 +223,9 @@ def train(cfg) -> Dict[str, Any]:
     set_seed(cfg.train.seed)
     model, _, path = load_whisper(cfg, for_training=True)  # keep the processor with the prefix set
     model = attach_whisper_lora(model, cfg)
-    # Whisper's forward takes **kwargs but ignores `num_items_in_batch`, so the Trainer would wrongly
-    # multiply its per-rank mean loss by the world size under DDP (2x gradients and logged loss on
-    # 2 ranks; caught by tests/test_distributed.py). Declare the truth so DDP averages plain means.
+    # Whisper's forward takes **kwargs but ignores `num_items_in_batch`; left alone, the Trainer would
+    # multiply its per-rank mean loss by the world size under DDP (2x gradients on 2 ranks; caught by
+    # tests/test_distributed.py). The loss is computed by `token_mean_loss` instead.
     model.get_base_model().accepts_loss_kwargs = False
 
     args = training_arguments(cfg, len(data.train), data.eval is not None)
@@ -217,7 +237,9 @@ def train(cfg) -> Dict[str, Any]:
         args=args,
         train_dataset=data.train.with_format("numpy"),
         eval_dataset=data.eval.with_format("numpy") if data.eval is not None else None,
-        data_collator=WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id, frames_major=True),
+        data_collator=WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id, frames_major=True,
+                                      pad_token_id=model.config.pad_token_id),
+        compute_loss_func=token_mean_loss,
         processing_class=processor.feature_extractor,
         compute_metrics=build_compute_metrics(cfg, processor),
         callbacks=callbacks,

@@ -38,16 +38,25 @@ FORMATS = ("txt", "srt", "vtt", "json")
 WINDOW_SECONDS = 30.0
 
 
-def check_audio(audio: np.ndarray, name: str, max_seconds: float, min_rms: float = 1e-4) -> np.ndarray:
-    """DataError for empty, silent or too-long audio; returns the audio unchanged."""
+def audio_problem(audio: np.ndarray, max_seconds: float, min_rms: float = 1e-4, limit_key: str = "transcribe.max_audio_seconds") -> Optional[tuple]:
+    """``(kind, message)`` for empty / too-long / silent audio (kind: ``empty``, ``too_long``,
+    ``silent``), None when the audio is usable. The service maps the kind to an HTTP status."""
     seconds = len(audio) / SAMPLE_RATE
     if len(audio) == 0:
-        raise DataError(f"{name}: audio decoded to zero samples")
+        return "empty", "audio decoded to zero samples"
     if seconds > max_seconds:
-        raise DataError(f"{name}: audio is {seconds:.0f} s long, over the {max_seconds:.0f}-s limit; cut it or raise the limit")
+        return "too_long", f"audio is {seconds:.0f} s long, over the {max_seconds:.0f}-s limit; cut it or raise {limit_key}"
     rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
     if rms < min_rms:
-        raise DataError(f"{name}: audio is silent (RMS level {rms:.1e} < {min_rms:.0e}); nothing to transcribe")
+        return "silent", f"audio is silent (RMS level {rms:.1e} < {min_rms:.0e}); nothing to transcribe"
+    return None
+
+
+def check_audio(audio: np.ndarray, name: str, max_seconds: float, min_rms: float = 1e-4, limit_key: str = "transcribe.max_audio_seconds") -> np.ndarray:
+    """DataError for empty, silent or too-long audio; returns the audio unchanged."""
+    problem = audio_problem(audio, max_seconds, min_rms, limit_key)
+    if problem:
+        raise DataError(f"{name}: {problem[1]}")
     return audio
 
 
@@ -129,7 +138,9 @@ class Transcriber:
         x = feats.input_features.to(self.device, self.dtype)
         mask = feats.attention_mask.to(self.device)
         if long_form and x.shape[-1] < 3000:  # padding="longest" of a batch that only just crosses 30 s
-            x = __import__("torch").nn.functional.pad(x, (0, 3000 - x.shape[-1]))
+            import torch
+
+            x = torch.nn.functional.pad(x, (0, 3000 - x.shape[-1]))
         if not long_form and self.trim_audio and not self.timestamps:
             from .models.whisper_trim import batch_num_frames
 
@@ -146,7 +157,7 @@ class Transcriber:
         """Transcribe a batch; short clips and long files are decoded in separate passes."""
         out: List[Optional[Transcript]] = [None] * len(audios)
         short = [i for i, a in enumerate(audios) if len(a) <= WINDOW_SECONDS * SAMPLE_RATE]
-        long = [i for i in range(len(audios)) if i not in set(short)]
+        long = sorted(set(range(len(audios))) - set(short))
         for group, long_form in ((short, False), (long, True)):
             if group:
                 for i, t in zip(group, self._decode([audios[i] for i in group], long_form, max_new_tokens)):

@@ -55,6 +55,9 @@ class WhisperCollator:
 
     decoder_start_token_id: Optional[int] = None
     frames_major: bool = False
+    pad_token_id: Optional[int] = None
+    """When set, also return ``decoder_input_ids`` (labels shifted right behind the start token),
+    so the loss can be computed outside the model (see ``train_asr.token_mean_loss``)."""
     pad_to_multiple_of: int = 2  # the encoder's stride-2 convolution wants an even frame count
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
@@ -67,4 +70,14 @@ class WhisperCollator:
         batch = {"input_features": torch.from_numpy(pad_features(feats, self.pad_to_multiple_of))}
         if "labels" in examples[0]:
             batch["labels"] = pad_labels([ex["labels"] for ex in examples], self.decoder_start_token_id)
+            if self.pad_token_id is not None and self.decoder_start_token_id is not None:
+                batch["decoder_input_ids"] = shift_right(batch["labels"], self.pad_token_id, self.decoder_start_token_id)
         return batch
+
+
+def shift_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing, exactly as Whisper derives them from ``labels``."""
+    out = labels.new_full(labels.shape, pad_token_id)
+    out[:, 1:] = labels[:, :-1]
+    out[:, 0] = decoder_start_token_id
+    return out.masked_fill_(out == -100, pad_token_id)

@@ -101,6 +101,8 @@ def resolve_causal(name: str, gguf_file: Optional[str] = None) -> Tuple[str, Opt
             return resolve_causal(str(full))
         return name, gguf_file  # a Hub repository holding GGUF files
     if (name.startswith((".", "/", "~")) or os.sep in name.strip("/")) and path.exists() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelError(f"model.name={name} is a LoRA adapter: pass it as model.adapter={name} and the base as model.name")
         raise ModelError(f"model.name={name}: a directory without config.json; point at a saved model or a .gguf file")
     return name, None
 
@@ -147,8 +149,8 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not quant and torch.cuda.is_available():
         model = model.to("cuda")
-    log.info("loaded %s (%s, %s-bit) in %.1f s; memory footprint %.3f GB", cfg.model.name, type(model).__name__,
-             cfg.quant.bits or "no ", time.time() - start, model.get_memory_footprint() / 1e9)
+    log.info("loaded %s (%s, %s) in %.1f s; memory footprint %.3f GB", cfg.model.name, type(model).__name__,
+             f"{cfg.quant.bits}-bit" if cfg.quant.bits else "not quantised", time.time() - start, model.get_memory_footprint() / 1e9)
     if adapter:
         from peft import PeftModel
 

@@ -99,25 +99,18 @@ def check_adapter_matches(base: torch.nn.Module, adapter_dir: str | Path, base_n
             )
 
 
-def _whisper_languages() -> Dict[str, str]:
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
-    known = dict(LANGUAGES)
-    known.update({name: code for name, code in TO_LANGUAGE_CODE.items()})
-    return known
-
-
 def check_language(language: Optional[str], model=None) -> Optional[str]:
     """Return the Whisper language code for ``language`` (code or English name); None = detect.
 
     ConfigError for anything Whisper does not know, or that this checkpoint has no token for.
     """
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
     if language is None or str(language).lower() in ("", "auto", "none", "null", "detect"):
         return None
-    lang = str(language).lower().strip("<|>")
-    known = _whisper_languages()
-    code = lang if lang in known and len(lang) <= 3 else known.get(lang)
-    if code is None or code not in _whisper_languages():
+    lang = str(language).lower().strip().strip("<|>")
+    code = lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang)
+    if code is None:
         raise ConfigError(
             f"whisper.language={language!r} is not a language Whisper knows; use a code such as zh, en, ja, de "
             f"(or null to let the model detect it)"
