@@ -29,8 +29,12 @@ def quiet() -> None:
     """Keep transformers' per-call warnings (max_length vs max_new_tokens ...) out of the tables."""
     from transformers.utils import logging
 
+    import warnings
+
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")  # once per layer per step otherwise
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def scratch_dir() -> Path:

@@ -40,8 +40,11 @@ VARIANTS = [
     ("bf16, 2x2048 packed, ckpt half", "fast", 2, 2048, {"ckpt": 0.5, "packed": True}),
     ("bf16, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True}),
     ("bf16, 2x2048 unpacked (causal), no ckpt", "fast", 2, 2048, {"ckpt": 0}),
-    ("bf16 + Liger, 2x2048 packed, ckpt half", "fast", 2, 2048, {"ckpt": 0.5, "packed": True, "liger": True}),
-    ("bf16 + Liger, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True, "liger": True}),
+    ("NF4 dequantised, pure bf16, 2x2048 packed, ckpt all", "dequant", 2, 2048, {"ckpt": 1.0, "packed": True}),
+    ("NF4 dequantised, pure bf16, 2x2048 packed, ckpt half", "dequant", 2, 2048, {"ckpt": 0.5, "packed": True}),
+    ("NF4 dequantised, pure bf16, 2x2048 packed, no ckpt", "dequant", 2, 2048, {"ckpt": 0, "packed": True}),
+    ("NF4 dequantised + Liger, 2x2048 packed, ckpt half", "dequant", 2, 2048, {"ckpt": 0.5, "packed": True, "liger": True}),
+    ("NF4 dequantised + Liger, 2x2048 packed, no ckpt", "dequant", 2, 2048, {"ckpt": 0, "packed": True, "liger": True}),
 ]
 
 
@@ -59,12 +62,12 @@ def phi3_config(tiny: bool):
                       tie_word_embeddings=False)
 
 
-def load(path, overrides, frozen_bf16: bool):
+def load(path, overrides, frozen_bf16: bool, dequant: bool = False):
     from transformers import AutoModelForCausalLM
 
     from loratune.config import load_config
     from loratune.models.adapters import attach_lora, bnb_config
-    from loratune.models.speed import cast_frozen
+    from loratune.models.speed import cast_frozen, dequantize_frozen
 
     cfg = load_config(None, overrides + [f"model.name={path}"])
     model = AutoModelForCausalLM.from_pretrained(
@@ -74,6 +77,9 @@ def load(path, overrides, frozen_bf16: bool):
     model.config.use_cache = False
     # gradient checkpointing is switched per row below; attach_lora prepares input grads for it
     model = attach_lora(model, cfg, task_type="CAUSAL_LM", gradient_checkpointing=True)
+    if dequant:
+        dequantize_frozen(model, torch.bfloat16)
+        cfg.train.bf16 = False  # pure bf16: everything frozen is bf16, no autocast needed
     if frozen_bf16:
         cast_frozen(model, torch.bfloat16)
     return model, cfg
@@ -147,6 +153,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
+    ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name has one")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -159,14 +166,14 @@ def main():
     skips = [s for s in args.skip.split(",") if s]
     rows, loaded = [], {}
     for name, group, bs, seq, opts in VARIANTS:
-        if any(s in name for s in skips):
+        if any(s in name for s in skips) or (args.rows and not any(s in name for s in args.rows.split(","))):
             continue
         t0 = time.time()
         try:
             if group not in loaded:
                 loaded.clear()
                 C.reset_memory()
-                loaded[group] = load(path, RECIPE if group == "recipe" else FAST, frozen_bf16=group == "fast")
+                loaded[group] = load(path, RECIPE if group == "recipe" else FAST, frozen_bf16=group != "recipe", dequant=group == "dequant")
             model, cfg = loaded[group]
             row = run_variant(model, cfg, name, bs, seq, opts, args)
         except Exception as exc:

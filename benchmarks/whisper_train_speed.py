@@ -37,7 +37,9 @@ V2 = "whisper-large-v2-zh-int8-lora.yaml"
 FAST_TURBO = ["quant.compute_dtype=bfloat16", "train.bf16=true"]
 FAST_V2 = ["train.fp16=false", "train.bf16=true"]
 
-# (group, row name, recipe yaml, overrides, extra) -- extra: frozen_bf16, clips ("full"/"hsk"), int8_threshold
+# (group, row name, recipe yaml, overrides, extra) -- extra: frozen_bf16 (cast_frozen after attach_lora),
+# pure_bf16 (frozen bf16 and no autocast: bf16 activations, fp32 LoRA weights), dequant
+# (speed.dequantize_frozen), clips ("full"/"hsk"), int8_threshold
 VARIANTS = [
     ("turbo", "recipe: 4-bit, fp16 compute, no autocast, bs 4", TURBO, [], {}),
     ("turbo", "bf16 autocast, bs 4", TURBO, FAST_TURBO, {}),
@@ -45,6 +47,11 @@ VARIANTS = [
     ("turbo", "bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
     ("turbo", "bf16 + frozen bf16, bs 32", TURBO, FAST_TURBO + ["train.batch_size=32"], {"frozen_bf16": True}),
     ("turbo", "bf16 + frozen bf16, bs 32, ckpt", TURBO, FAST_TURBO + ["train.batch_size=32", "train.gradient_checkpointing=true"], {"frozen_bf16": True}),
+    ("turbo", "pure bf16 (no autocast), bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"pure_bf16": True}),
+    ("turbo", "NF4 dequantised to bf16, autocast, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "dequant": True}),
+    ("turbo", "NF4 dequantised, pure bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"pure_bf16": True, "dequant": True}),
+    ("turbo", "NF4 dequantised, pure bf16, bs 8", TURBO, FAST_TURBO + ["train.batch_size=8"], {"pure_bf16": True, "dequant": True}),
+    ("turbo", "NF4 dequantised, pure bf16, bs 32, ckpt", TURBO, FAST_TURBO + ["train.batch_size=32", "train.gradient_checkpointing=true"], {"pure_bf16": True, "dequant": True}),
     ("short", "padded 30 s, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
     ("short", "trimmed, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
     ("short", "trimmed, bf16 + frozen bf16, bs 64", TURBO, FAST_TURBO + ["train.batch_size=64", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
@@ -52,6 +59,9 @@ VARIANTS = [
     ("large-v2", "bf16 autocast, ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {}),
     ("large-v2", "bf16 + frozen bf16, ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {"frozen_bf16": True}),
     ("large-v2", "bf16 + frozen bf16, bs 8, no ckpt", V2, FAST_V2 + ["train.batch_size=8", "train.gradient_checkpointing=false"], {"frozen_bf16": True}),
+    ("large-v2", "pure bf16 (int8 kept), ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {"pure_bf16": True}),
+    ("large-v2", "int8 dequantised, pure bf16, ckpt, bs 8", V2, FAST_V2 + ["train.batch_size=8"], {"pure_bf16": True, "dequant": True}),
+    ("large-v2", "int8 dequantised, pure bf16, ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {"pure_bf16": True, "dequant": True}),
     ("large-v2", "bf16 + frozen bf16, ckpt, bs 16, int8 threshold 0", V2, FAST_V2 + ["train.batch_size=16"], {"frozen_bf16": True, "int8_threshold": 0.0}),
 ]
 
@@ -93,7 +103,7 @@ def build(path, cfg, extra):
     from transformers import WhisperForConditionalGeneration
 
     from loratune.models.adapters import attach_lora, bnb_config
-    from loratune.models.speed import cast_frozen
+    from loratune.models.speed import cast_frozen, dequantize_frozen
     from loratune.models.whisper import model_dtype
 
     kwargs = dict(dtype=model_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
@@ -108,7 +118,9 @@ def build(path, cfg, extra):
     model.config.use_cache = False
     # task_type None: PeftModelForSeq2SeqLM passes input_ids=None, which Whisper forwards twice (TypeError)
     model = attach_lora(model, cfg, task_type=None)
-    if extra.get("frozen_bf16"):
+    if extra.get("dequant"):
+        dequantize_frozen(model, torch.bfloat16)
+    if extra.get("frozen_bf16") or extra.get("pure_bf16"):
         cast_frozen(model, torch.bfloat16)
     if cfg.whisper.trim_audio:
         from loratune.models.whisper_trim import enable_encoder_trimming
@@ -135,8 +147,8 @@ def run_variant(group, name, recipe, overrides, extra, args):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     amp = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
-    if not torch.cuda.is_available():
-        amp = None  # the Trainer ignores fp16/bf16 on the CPU too
+    if not torch.cuda.is_available() or extra.get("pure_bf16"):
+        amp = None  # the Trainer ignores fp16/bf16 on the CPU too; pure bf16 needs no autocast
     scaler = torch.amp.GradScaler() if amp == torch.float16 else None
     if amp is None:
         feat_dtype = model.get_base_model().model.encoder.conv1.weight.dtype
@@ -189,6 +201,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="turbo,short,large-v2", help="comma-separated groups")
     ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
+    ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name has one")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--hsk-batches", type=int, default=8, help="length-grouped batches in a short-clip pass")
@@ -203,6 +216,8 @@ def main():
     rows = []
     for group, name, recipe, overrides, extra in VARIANTS:
         if group not in groups or any(s in name for s in skips):
+            continue
+        if args.rows and not any(s in name for s in args.rows.split(",")):
             continue
         t0 = time.time()
         try:

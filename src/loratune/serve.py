@@ -26,7 +26,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
 
 from .errors import DataError
 

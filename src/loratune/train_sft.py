@@ -162,7 +162,10 @@ def train(cfg: RunConfig) -> dict:
     tokenizer.save_pretrained(str(out))
     metrics = {}
     if eval_ds is not None and cfg.train.eval_strategy != "no":
-        metrics = trainer.evaluate()
+        # the last evaluation already scored the final weights unless the best checkpoint was reloaded
+        last = [h for h in trainer.state.log_history if "eval_loss" in h]
+        fresh = last and last[-1]["step"] == trainer.state.global_step and not args.load_best_model_at_end
+        metrics = last[-1] if fresh else trainer.evaluate()
     plot_losses(trainer.state.log_history, out / "loss.png")
     summary = {
         "task": "sft",

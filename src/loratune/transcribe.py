@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
-from .errors import ConfigError, DataError, LoratuneError
+from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
