@@ -116,6 +116,16 @@ def autocast(dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device().type, dtype=dtype)
 
 
+def sdpa_backend(name: Optional[str]):
+    """Force one scaled-dot-product-attention backend (``cudnn``, ``flash``, ``efficient``); None = default."""
+    if not name:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return sdpa_kernel([table[name]])
+
+
 def save_random(model_cls, config, name: str, dtype: torch.dtype) -> Path:
     """Build ``model_cls(config)`` with random weights in ``dtype`` and save it once; return its folder."""
     path = scratch_dir() / name

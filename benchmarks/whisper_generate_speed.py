@@ -58,6 +58,8 @@ VARIANTS = [
     ("short clips trimmed: bf16, bs 256", torch.bfloat16, 256, "hsk", {"trim": True}),
     ("bf16, bs 128, static cache (compiled decoder)", torch.bfloat16, 128, "full", {"static": True}),
     ("bf16, bs 128, static cache + compiled encoder", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True}),
+    ("bf16, bs 128, cuDNN attention", torch.bfloat16, 128, "full", {"sdpa": "cudnn"}),
+    ("bf16, bs 256, static cache + compiled encoder", torch.bfloat16, 256, "full", {"static": True, "compile_encoder": True}),
 ]
 
 
@@ -87,7 +89,7 @@ def run_variant(name, dtype, bs, clips, opts, args, path):
     out_len = []
 
     def one(feats):
-        with torch.inference_mode():
+        with torch.inference_mode(), C.sdpa_backend(opts.get("sdpa")):
             seq = model.generate(input_features=feats, **kw)
         out_len.append(seq.shape[-1])
 
@@ -128,6 +130,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hsk-batches", type=int, default=4)
     ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
+    ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name has one")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -138,7 +141,7 @@ def main():
     skips = [s for s in args.skip.split(",") if s]
     rows = []
     for name, dtype, bs, clips, opts in VARIANTS:
-        if any(s in name for s in skips):
+        if any(s in name for s in skips) or (args.rows and not any(s in name for s in args.rows.split(","))):
             continue
         if args.tiny:
             bs = min(bs, 4)

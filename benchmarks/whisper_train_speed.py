@@ -52,6 +52,13 @@ VARIANTS = [
     ("turbo", "NF4 dequantised, pure bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"pure_bf16": True, "dequant": True}),
     ("turbo", "NF4 dequantised, pure bf16, bs 8", TURBO, FAST_TURBO + ["train.batch_size=8"], {"pure_bf16": True, "dequant": True}),
     ("turbo", "NF4 dequantised, pure bf16, bs 32, ckpt", TURBO, FAST_TURBO + ["train.batch_size=32", "train.gradient_checkpointing=true"], {"pure_bf16": True, "dequant": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 12", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 16, cuDNN attention", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "dequant": True, "sdpa": "cudnn"}),
+    ("turbo", "NF4 dequantised, autocast, bs 16, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 8, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=8"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 32, ckpt, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=32", "train.gradient_checkpointing=true"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
+    ("turbo", "4-bit kept, bf16 autocast, bs 16, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "compile_layers": True}),
     ("short", "padded 30 s, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
     ("short", "trimmed, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
     ("short", "trimmed, bf16 + frozen bf16, bs 64", TURBO, FAST_TURBO + ["train.batch_size=64", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
@@ -126,6 +133,11 @@ def build(path, cfg, extra):
         from loratune.models.whisper_trim import enable_encoder_trimming
 
         enable_encoder_trimming(model)
+    if extra.get("compile_layers"):  # regional compilation: one graph per layer class, reused by all 32
+        from loratune.models.speed import checkpointing_layers
+
+        for layer in checkpointing_layers(model):
+            layer.compile()
     return model
 
 
@@ -165,7 +177,7 @@ def run_variant(group, name, recipe, overrides, extra, args):
 
     def step():
         feats, labels = next(cycle)
-        with C.autocast(amp):
+        with C.autocast(amp), C.sdpa_backend(extra.get("sdpa")):
             loss = model(input_features=feats, labels=labels).loss
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -4,8 +4,6 @@ Run: python -m pytest -q tests/test_asr_data.py   (offline, CPU, no model weight
 """
 from __future__ import annotations
 
-import math
-import shutil
 from pathlib import Path
 
 import numpy as np

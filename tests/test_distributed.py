@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from test_asr_data import hsk_clips, write_csv
 from tiny import make_tiny_whisper
@@ -132,3 +131,28 @@ def test_killed_rank_fails_clearly_and_resume_continues(tiny, clips_csv, hsk_dir
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(out)
     assert s["global_step"] == 40 and s["resumed_from_step"] == done[-1]
+
+
+def test_two_gloo_ranks_match_one_process_for_a_causal_lm(tmp_path):
+    from sft_tiny import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "llama")
+    data = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": f"翻译：第{i}句", "completion": f"sentence number {i}"} for i in range(24)]
+    data.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs) + "\n", encoding="utf-8")
+    runs = {}
+    for name, batch, gpus in (("single", 4, None), ("ddp", 2, 2)):
+        out = tmp_path / name
+        r = loratune("train", "task=sft", f"model.name={model_dir}", f"data.jsonl={data}", "quant.bits=0",
+                     "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj]", "train.report_to=[none]",
+                     "train.threads=1", "train.max_steps=3", f"train.batch_size={batch}", "train.optim=sgd",
+                     "train.lr=0.5", "train.scheduler=constant", "train.eval_strategy=no", f"train.output_dir={out}",
+                     gpus=gpus)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (summary(out), adapter(out))
+    (s1, a1), (s2, a2) = runs["single"], runs["ddp"]
+    assert s1["global_step"] == s2["global_step"] == 3
+    assert abs(s1["train_loss"] - s2["train_loss"]) <= 0.02 * abs(s1["train_loss"]), (s1["train_loss"], s2["train_loss"])
+    for k in a1:
+        diff = (a1[k].float() - a2[k].float()).norm() / max(a1[k].float().norm(), 1e-8)
+        assert diff < 0.02, (k, float(diff))

@@ -115,7 +115,7 @@ def test_messages_csv_disk_renames_and_split_column(tmp_path, tok):
 
 def test_hsk_recipe_trains_on_train_rows_only(repo_root, hsk_dir, tok, monkeypatch):
     monkeypatch.chdir(repo_root)  # the recipe's data path is relative to the checkout
-    cfg = load_config(repo_root / "configs" / "gemma3-270m-hsk-zh-en-qlora.yaml")
+    cfg = load_config(repo_root / "configs" / "gemma3-270m-hsk-zh-en-lora.yaml")
     train_raw, eval_raw = split_train_eval(cfg.data)
     assert set(train_raw["split"]) == {"train"} and set(eval_raw["split"]) == {"dev"}
     assert len(train_raw) == cfg.data.max_train_samples and {"prompt", "completion"} <= set(train_raw.column_names)
@@ -213,7 +213,7 @@ def test_qlora_sft_on_cpu_saves_adapter_generates_and_evaluates(tmp_path, arch, 
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "loratune_config.yaml", "loss.png", "summary.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["global_steps"] == 4 and summary["trainable_params"] > 0 and summary["quant_bits"] == 4
+    assert summary["global_step"] == 4 and summary["trainable_params"] > 0 and summary["quant_bits"] == 4
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     assert load_config(out / "loratune_config.yaml").model.name == str(model_dir)
     capsys.readouterr()
@@ -236,7 +236,7 @@ def test_qlora_sft_on_cpu_saves_adapter_generates_and_evaluates(tmp_path, arch, 
     assert main(["train", *common, "train.max_steps=6", "train.batch_size=4", f"train.output_dir={out}",
                  "train.eval_strategy=epoch", "train.load_best_model_at_end=false", "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["global_steps"] == 6 and summary["eval_loss"] > 0
+    assert summary["global_step"] == 6 and summary["eval_loss"] > 0
 
 
 def test_packing_and_interactive_chat(tmp_path, tiny_llama, monkeypatch, capsys):
@@ -245,7 +245,7 @@ def test_packing_and_interactive_chat(tmp_path, tiny_llama, monkeypatch, capsys)
     out = tmp_path / "run"
     assert main(["train", *common, "sft.packing=true", "sft.max_length=64", "train.max_steps=2", "train.batch_size=2",
                  f"train.output_dir={out}", "train.eval_strategy=epoch"]) == 0
-    assert json.loads((out / "summary.json").read_text())["global_steps"] == 2
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 2
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("你好\n/reset\n谢谢你！\n/quit\n"))

@@ -137,3 +137,30 @@ def test_bf16_generate_keeps_most_tokens(tiny_dir):
     n = min(ref.shape[-1], fast.shape[-1])
     agree = (ref[:, :n] == fast[:, :n]).float().mean().item()
     assert agree >= 0.8, agree
+
+
+def test_dequantized_4bit_base_is_the_same_function(tiny_dir):
+    """train.dequantize_base on a 4-bit base: same logits (bitsandbytes dequantises the same NF4 values)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
+
+    from loratune.config import load_config
+    from loratune.models.speed import apply_training_speed
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_dir, quantization_config=q, device_map="cpu").eval()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    feats = features(seed=5, frames=3000)
+    with torch.no_grad():
+        before = model(input_features=feats, labels=LABELS).logits
+    cfg = load_config(None, ["quant.bits=4", "train.dequantize_base=true", "train.frozen_dtype=float32"])
+    done = apply_training_speed(model, cfg)
+    assert done["dequantized_layers"] == 2 * 6 + 2 * 10  # 2 encoder layers x 6 linears, 2 decoder layers x 10
+    assert not any(type(m).__name__ == "Linear4bit" for m in model.modules() if type(m).__module__.startswith("bitsandbytes"))
+    with torch.no_grad():
+        after = model(input_features=feats, labels=LABELS).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(input_features=feats, labels=LABELS).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

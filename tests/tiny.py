@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.resources
-import json
 from pathlib import Path
 
 LANGS = ["en", "zh", "de", "es", "ru", "ko", "fr", "ja"]  # first Whisper language tokens, in order

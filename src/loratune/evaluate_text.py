@@ -1,7 +1,7 @@
 """Text evaluation of causal LMs (``task: sft``): chrF and BLEU of generations vs references.
 
-    loratune evaluate configs/gemma3-270m-hsk-zh-en-qlora.yaml model.adapter=outputs/gemma3-270m-hsk-zh-en-qlora
-    loratune evaluate configs/gemma3-270m-hsk-zh-en-qlora.yaml eval.limit=100 eval.compare_base=false model.adapter=DIR
+    loratune evaluate configs/gemma3-270m-hsk-zh-en-lora.yaml model.adapter=outputs/gemma3-270m-hsk-zh-en-lora
+    loratune evaluate configs/gemma3-270m-hsk-zh-en-lora.yaml eval.limit=100 eval.compare_base=false model.adapter=DIR
 
 Generates answers for the held-out split (``data.eval_split``, or the seeded ``data.eval_ratio``
 cut) with the base model and, given ``model.adapter``, with the adapter too — one model load,

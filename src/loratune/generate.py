@@ -1,6 +1,6 @@
 """``loratune generate``: answers from a causal LM (+ adapter, or a merged model directory).
 
-    loratune generate configs/gemma3-270m-hsk-zh-en-qlora.yaml model.adapter=outputs/gemma3-270m-hsk-zh-en-qlora \\
+    loratune generate configs/gemma3-270m-hsk-zh-en-lora.yaml model.adapter=outputs/gemma3-270m-hsk-zh-en-lora \\
         prompt="我喜欢喝茶。"
     loratune generate RECIPE.yaml model.adapter=DIR generate.prompts_file=prompts.txt   # one prompt a line
     loratune generate RECIPE.yaml model.adapter=DIR                                      # interactive chat

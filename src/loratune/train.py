@@ -6,7 +6,7 @@ Examples::
 
     loratune train configs/whisper-base-hsk-qlora.yaml
     loratune train configs/whisper-large-v3-turbo-zh-qlora.yaml data.csv=ASR_CN.csv data.audio_dir=audio
-    loratune train configs/gemma3-270m-hsk-zh-en-qlora.yaml train.epochs=1 --resume
+    loratune train configs/gemma3-270m-hsk-zh-en-lora.yaml train.epochs=1 --resume
 """
 from __future__ import annotations
 

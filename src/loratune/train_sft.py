@@ -1,6 +1,6 @@
 """Causal-LM (Q)LoRA supervised fine-tuning with TRL's SFTTrainer (``task: sft``).
 
-    loratune train configs/gemma3-270m-hsk-zh-en-qlora.yaml
+    loratune train configs/gemma3-270m-hsk-zh-en-lora.yaml
     loratune train configs/phi3-mini-yoda-qlora.yaml train.epochs=1 --resume
 
 Order of work: data checks and tokenisation first (bad rows, empty answers, over-long prompts and a
@@ -175,15 +175,15 @@ def train(cfg: RunConfig) -> dict:
         "train_examples": len(train_ds),
         "eval_examples": len(eval_ds),
         "data": data_report,
-        "global_steps": trainer.state.global_step,
+        "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_loss": result.training_loss,
         "eval_loss": metrics.get("eval_loss"),
         "best_checkpoint": trainer.state.best_model_checkpoint,
-        "wall_seconds": round(time.time() - start, 1),
+        "wall_time_s": round(time.time() - start, 1),
         **getattr(model, "loratune_report", {}),
     }
     _write_json(out / "summary.json", summary)
     log.info("adapter saved to %s (train loss %.4f, eval loss %s, %.0f s)", out, result.training_loss,
-             summary["eval_loss"], summary["wall_seconds"])
+             summary["eval_loss"], summary["wall_time_s"])
     return summary

@@ -127,7 +127,7 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapters import DTYPES, bnb_config
+    from .adapters import DTYPES, bnb_config, device_map_for_rank
 
     name, gguf = resolve_causal(cfg.model.name, cfg.model.gguf_file)
     quant = bnb_config(cfg.quant)
@@ -140,7 +140,10 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
         kwargs["gguf_file"] = gguf
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+            # DDP: one whole quantised copy per rank, loaded straight onto that rank's GPU
+            kwargs["device_map"] = device_map_for_rank() or {"": "cpu"}
+        # FSDP + QLoRA: no device_map; accelerate shards the bf16-stored 4-bit weights itself
     start = time.time()
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)

@@ -1,8 +1,9 @@
 """Speed levers that are not a single transformers/PEFT switch (see docs/performance.md).
 
-    from loratune.models.speed import cast_frozen, set_checkpointed_layers
-    cast_frozen(model, torch.bfloat16)   # after attach_lora: frozen fp32 copies -> bf16
-    set_checkpointed_layers(model, 0.5)  # recompute only half of the layers in backward
+    from loratune.models.speed import apply_training_speed, apply_generation_speed
+    model = attach_lora(model, cfg, task_type=...)
+    apply_training_speed(model, cfg)       # train.dequantize_base / frozen_dtype / checkpoint_fraction / compile_layers
+    apply_generation_speed(model, cfg.whisper)   # whisper.static_cache / compile_encoder (inference)
 
 Each lever is measured in ``benchmarks/`` and checked against the slow path by
 ``tests/test_speed_paths.py``.
@@ -105,3 +106,49 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
             setattr(parent, name, lin)
             n += 1
     return n
+
+
+def apply_training_speed(model: nn.Module, cfg) -> dict:
+    """Apply the ``train.*`` speed options to a model that ``attach_lora`` has already wrapped.
+
+    Order matters: dequantise first (it replaces modules), then cast what stays frozen, then trim
+    checkpointing, then compile (compilation sees the final modules). Returns what was done, for
+    the run summary. Each option is off by default; see docs/performance.md for measured gains.
+    """
+    from ..errors import ConfigError
+    from .adapters import DTYPES
+
+    t = cfg.train
+    if getattr(t, "frozen_dtype", None) and t.frozen_dtype not in DTYPES:
+        raise ConfigError(f"train.frozen_dtype={t.frozen_dtype!r}; choose one of {', '.join(DTYPES)} or null")
+    done = {}
+    if getattr(t, "dequantize_base", False) and cfg.quant.bits:
+        done["dequantized_layers"] = dequantize_frozen(model, DTYPES[t.frozen_dtype or "bfloat16"])
+    if getattr(t, "frozen_dtype", None):
+        done["cast_frozen_tensors"] = cast_frozen(model, DTYPES[t.frozen_dtype])
+    fraction = getattr(t, "checkpoint_fraction", 1.0)
+    if t.gradient_checkpointing and fraction < 1.0:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        done["checkpointed_layers"] = set_checkpointed_layers(base, fraction)
+    if getattr(t, "compile_layers", False):
+        layers = checkpointing_layers(model)
+        for layer in layers:  # regional compilation: one graph per layer class, reused by every layer
+            layer.compile()
+        done["compiled_layers"] = len(layers)
+    if done:
+        log.info("speed settings: %s", done)
+    return done
+
+
+def apply_generation_speed(model: nn.Module, whisper_cfg) -> dict:
+    """Apply ``whisper.static_cache`` / ``whisper.compile_encoder`` to a Whisper model for inference."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    done = {}
+    if getattr(whisper_cfg, "static_cache", False):
+        # transformers compiles the one-token decoder step itself once the cache is static
+        base.generation_config.cache_implementation = "static"
+        done["static_cache"] = True
+    if getattr(whisper_cfg, "compile_encoder", False) and hasattr(base, "model") and hasattr(base.model, "encoder"):
+        base.model.encoder = torch.compile(base.model.encoder)
+        done["compiled_encoder"] = True
+    return done

