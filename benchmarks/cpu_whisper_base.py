@@ -27,6 +27,7 @@ TRAIN = [
     ("recipe padded to 30 s (trim_audio=false)", ["whisper.trim_audio=false"]),
     ("short-clip mode (shipped default: trim_audio=true)", []),
     ("short-clip mode, no quantisation (quant.bits=0)", ["quant.bits=0"]),
+    ("short-clip mode, NF4 dequantised to fp32 (train.dequantize_base=true)", ["train.dequantize_base=true", "train.frozen_dtype=float32"]),
 ]
 GENERATE = [("padded to 30 s", False), ("trimmed (short-clip mode)", True)]
 
@@ -118,21 +119,30 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="timed generate batches")
+    ap.add_argument("--json", default="cpu_whisper_base.json", help="file name of the JSON written to $OUT / outputs/bench")
+    ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name has one")
     args = ap.parse_args()
     torch.set_num_threads(2)
     info = C.versions()
     print("versions:", info, flush=True)
     path = model_path()
     rows = []
+    keep = lambda name: not args.rows or any(s in name for s in args.rows.split(","))  # noqa: E731
     for name, overrides in TRAIN:
+        if not keep(name):
+            continue
         rows.append(train_row(name, overrides, args, path))
         print(rows[-1], flush=True)
     for name, trim in GENERATE:
+        if not keep(name):
+            continue
         rows.append(generate_row(name, trim, args, path))
         print(rows[-1], flush=True)
-    C.write_json("cpu_whisper_base.json", dict(versions=info, args=vars(args), rows=rows))
+    C.write_json(args.json, dict(versions=info, args=vars(args), rows=rows))
     for kind in ("train", "transcribe"):
         sub = [r for r in rows if r["kind"] == kind]
+        if not sub:
+            continue
         for r in sub:
             r["x_first_row"] = r["clips_s"] / sub[0]["clips_s"]
         C.print_table(f"whisper-base on the CPU, {kind} ({info['device']})", sub,

@@ -41,6 +41,8 @@ VARIANTS = [
     ("bf16, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True}),
     ("bf16, 2x2048 unpacked (causal), no ckpt", "fast", 2, 2048, {"ckpt": 0}),
     ("bf16, 2x2048 packed, ckpt quarter", "fast", 2, 2048, {"ckpt": 0.25, "packed": True}),
+    ("bf16, compiled layers, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True, "compile": True}),
+    ("bf16, compiled layers, 2x2048 packed, ckpt quarter", "fast", 2, 2048, {"ckpt": 0.25, "packed": True, "compile": True}),
     ("bf16 + Liger, 2x2048 packed, ckpt half", "fast", 2, 2048, {"ckpt": 0.5, "packed": True, "liger": True}),
     ("bf16 + Liger, 2x2048 packed, ckpt quarter", "fast", 2, 2048, {"ckpt": 0.25, "packed": True, "liger": True}),
     ("bf16 + Liger, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True, "liger": True}),
@@ -120,6 +122,11 @@ def run_variant(model, cfg, name, bs, seq, opts, args):
 
         apply_liger_kernel_to_phi3(model=model.get_base_model())
     row["ckpt_layers"] = set_ckpt(model, opts.get("ckpt", 0))
+    if opts.get("compile"):  # regional: every decoder layer shares one compiled graph (train.compile_layers)
+        from loratune.models.speed import checkpointing_layers
+
+        for layer in checkpointing_layers(model):
+            layer.compile()
     model.train()
     C.reset_memory()
     dev = C.device()

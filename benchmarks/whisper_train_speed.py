@@ -58,6 +58,8 @@ VARIANTS = [
     ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
     ("turbo", "NF4 dequantised, autocast, bs 8, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=8"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
     ("turbo", "NF4 dequantised, autocast, bs 32, ckpt, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=32", "train.gradient_checkpointing=true"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 16, half ckpt, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=16", "train.gradient_checkpointing=true", "train.checkpoint_fraction=0.5"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 10, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=10"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
     ("turbo", "4-bit kept, bf16 autocast, bs 16, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "compile_layers": True}),
     ("short", "padded 30 s, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
     ("short", "trimmed, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
@@ -110,7 +112,7 @@ def build(path, cfg, extra):
     from transformers import WhisperForConditionalGeneration
 
     from loratune.models.adapters import attach_lora, bnb_config
-    from loratune.models.speed import cast_frozen, dequantize_frozen
+    from loratune.models.speed import apply_training_speed, cast_frozen, dequantize_frozen
     from loratune.models.whisper import model_dtype
 
     kwargs = dict(dtype=model_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
@@ -125,6 +127,7 @@ def build(path, cfg, extra):
     model.config.use_cache = False
     # task_type None: PeftModelForSeq2SeqLM passes input_ids=None, which Whisper forwards twice (TypeError)
     model = attach_lora(model, cfg, task_type=None)
+    apply_training_speed(model, cfg)  # the train.* speed options of the row's overrides, as loratune train does
     if extra.get("dequant"):
         dequantize_frozen(model, torch.bfloat16)
     if extra.get("frozen_bf16") or extra.get("pure_bf16"):
