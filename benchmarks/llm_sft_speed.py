@@ -46,6 +46,8 @@ VARIANTS = [
     ("bf16 + Liger, 2x2048 packed, ckpt half", "fast", 2, 2048, {"ckpt": 0.5, "packed": True, "liger": True}),
     ("bf16 + Liger, 2x2048 packed, ckpt quarter", "fast", 2, 2048, {"ckpt": 0.25, "packed": True, "liger": True}),
     ("bf16 + Liger, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True, "liger": True}),
+    ("bf16 + Liger + compiled layers, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True, "liger": True, "compile": True}),
+    ("bf16 + Liger + compiled layers, 2x2048 packed, ckpt quarter", "fast", 2, 2048, {"ckpt": 0.25, "packed": True, "liger": True, "compile": True}),
     ("NF4 dequantised, pure bf16, 2x2048 packed, ckpt all", "dequant", 2, 2048, {"ckpt": 1.0, "packed": True}),
     ("NF4 dequantised, pure bf16, 2x2048 packed, ckpt half", "dequant", 2, 2048, {"ckpt": 0.5, "packed": True}),
     ("NF4 dequantised, pure bf16, 2x2048 packed, no ckpt", "dequant", 2, 2048, {"ckpt": 0, "packed": True}),
