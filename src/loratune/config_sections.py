@@ -230,7 +230,7 @@ class TrainSection:
     frozen_dtype: Optional[str] = None
     """Cast the frozen non-quantised weights back to this dtype (``bfloat16``) after
     ``prepare_model_for_kbit_training`` upcast them to fp32; LoRA weights stay fp32 (GPU, with
-    ``train.bf16``). See docs/performance.md."""
+    ``train.bf16``). See README.md (Performance)."""
     dequantize_base: bool = False
     """Speed over memory: replace the 4-/8-bit frozen linears by bf16 copies of the same quantised
     values after attaching LoRA (4-bit: same function; 8-bit: weight-only int8). Costs 2 bytes per

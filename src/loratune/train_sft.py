@@ -141,6 +141,9 @@ def train(cfg: RunConfig) -> dict:
     train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)  # all data errors surface here
     model = load_causal_lm(cfg, trainable=True)
     model = attach_lora(model, cfg, task_type="CAUSAL_LM")
+    from .models.speed import apply_training_speed  # off unless train.* speed options are set
+
+    apply_training_speed(model, cfg)
     args = sft_args(cfg, len(train_ds))
     callbacks = []
     if cfg.train.early_stopping_patience is not None:

@@ -1,4 +1,4 @@
-"""Speed levers that are not a single transformers/PEFT switch (see docs/performance.md).
+"""Speed levers that are not a single transformers/PEFT switch (see README.md (Performance)).
 
     from loratune.models.speed import apply_training_speed, apply_generation_speed
     model = attach_lora(model, cfg, task_type=...)
@@ -113,7 +113,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
 
     Order matters: dequantise first (it replaces modules), then cast what stays frozen, then trim
     checkpointing, then compile (compilation sees the final modules). Returns what was done, for
-    the run summary. Each option is off by default; see docs/performance.md for measured gains.
+    the run summary. Each option is off by default; see README.md (Performance) for measured gains.
     """
     from ..errors import ConfigError
     from .adapters import DTYPES

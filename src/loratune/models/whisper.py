@@ -105,6 +105,9 @@ def attach_whisper_lora(model, cfg):
         from .whisper_trim import enable_encoder_trimming  # written alongside; imported only when used
 
         enable_encoder_trimming(model)
+    from .speed import apply_training_speed  # train.dequantize_base / frozen_dtype / compile_layers ...
+
+    apply_training_speed(model, cfg)
     return model
 
 
