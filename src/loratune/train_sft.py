@@ -121,7 +121,7 @@ def _last_checkpoint(output_dir: str):
 def train(cfg: RunConfig) -> dict:
     """Run one SFT job end to end; returns the summary written to ``summary.json``."""
     import torch
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
 
     from .data.sft import build_sft_datasets
@@ -139,6 +139,7 @@ def train(cfg: RunConfig) -> dict:
     start = time.time()
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)  # all data errors surface here
+    set_seed(cfg.train.seed)  # the LoRA A matrices are random: same seed, same adapter init (and DDP ranks agree)
     model = load_causal_lm(cfg, trainable=True)
     model = attach_lora(model, cfg, task_type="CAUSAL_LM")
     from .models.speed import apply_training_speed  # off unless train.* speed options are set
