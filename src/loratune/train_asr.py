@@ -15,8 +15,6 @@ epoch) and ``summary.json`` (also printed).
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
 import time
 from pathlib import Path
@@ -95,53 +93,20 @@ def training_arguments(cfg, n_train: int, has_eval: bool):
     """Seq2SeqTrainingArguments from ``cfg.train`` (warm-up in epochs converted to steps)."""
     import dataclasses
 
-    import torch
     from transformers import Seq2SeqTrainingArguments
 
+    from .trainer_args import common_training_kwargs
+
     t = cfg.train
-    cuda = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, math.ceil(math.ceil(n_train / (t.batch_size * world)) / t.grad_accum))
-    warmup = math.ceil(t.warmup_epochs * steps_per_epoch) if t.warmup_epochs > 0 else t.warmup_steps
     eval_strategy = t.eval_strategy if has_eval else "no"
-    # Checkpoints follow evaluations so the best one can be reloaded; without evaluation, one per epoch.
-    save_strategy = eval_strategy if eval_strategy != "no" else "epoch"
-    best = bool(t.load_best_model_at_end and eval_strategy != "no")
     gen = bool(t.generate_during_eval and has_eval)
     kwargs = dict(
-        output_dir=t.output_dir,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        weight_decay=t.weight_decay,
-        optim=t.optim,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=int(warmup),
-        max_grad_norm=t.max_grad_norm,
-        fp16=bool(t.fp16 and cuda),  # mixed precision is CUDA-only; on the CPU the switches are ignored
-        bf16=bool(t.bf16 and cuda),
-        use_cpu=not cuda,
-        eval_strategy=eval_strategy,
-        eval_steps=t.eval_steps,
-        save_strategy=save_strategy,
-        save_steps=t.eval_steps if save_strategy == "steps" else 500,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=best,
-        metric_for_best_model=t.metric_for_best_model if best else None,
-        greater_is_better=False if best else None,  # loss, CER and WER: lower is better
-        logging_steps=max(1, min(t.logging_steps, steps_per_epoch)),  # >= 1 train-loss point per epoch for loss.png
-        logging_first_step=True,
+        common_training_kwargs(t, n_train, eval_strategy),
         report_to=t.report_to,
-        seed=t.seed,
-        dataloader_num_workers=t.num_workers,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="input_length",
         remove_unused_columns=False,  # the collator picks the columns it needs
         label_names=["labels"],  # PeftModel.forward(*args, **kwargs) hides them from inspection
-        torch_compile=t.torch_compile,
         predict_with_generate=gen,
         generation_max_length=cfg.whisper.generation_max_length if gen else None,
         generation_num_beams=cfg.whisper.num_beams if gen else None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -60,48 +59,19 @@ def plot_losses(log_history: List[dict], path: Path) -> None:
 
 def sft_args(cfg: RunConfig, n_train: int):
     """TRL SFTConfig from the TrainSection (warm-up as a fraction of an epoch, CPU-safe precision)."""
-    import torch
     from trl import SFTConfig
 
+    from .trainer_args import common_training_kwargs
+
     t = cfg.train
-    on_gpu = torch.cuda.is_available()
-    steps_per_epoch = max(1, math.ceil(n_train / (t.batch_size * t.grad_accum)))
-    warmup = math.ceil(t.warmup_epochs * steps_per_epoch) if t.warmup_epochs else t.warmup_steps
-    save_strategy = t.eval_strategy if t.eval_strategy != "no" else "epoch"
+    common = common_training_kwargs(t, n_train, t.eval_strategy)
     return SFTConfig(
-        output_dir=t.output_dir,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        weight_decay=t.weight_decay,
-        optim=t.optim,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=warmup,
-        max_grad_norm=t.max_grad_norm,
-        fp16=t.fp16 and on_gpu,  # mixed precision is a GPU feature; the CPU trains in compute_dtype
-        bf16=t.bf16 and on_gpu,  # (SFTConfig would default bf16 to True otherwise)
+        **common,
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        eval_strategy=t.eval_strategy,
-        eval_steps=t.eval_steps,
-        save_strategy=save_strategy,
-        save_steps=t.eval_steps if save_strategy == "steps" else 500,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no",
-        metric_for_best_model=t.metric_for_best_model,
-        greater_is_better=False,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        seed=t.seed,
         data_seed=cfg.data.seed,
         report_to=[r for r in t.report_to if r != "none"] or "none",
-        dataloader_num_workers=t.num_workers,
         train_sampling_strategy="group_by_length" if t.group_by_length and not cfg.sft.packing else "random",
-        torch_compile=t.torch_compile,
-        use_cpu=not on_gpu,
         # data prepared by loratune.data.sft: TRL keeps our labels, truncates and packs
         max_length=cfg.sft.max_length,
         packing=cfg.sft.packing,

@@ -1,0 +1,60 @@
+"""The ``train.*`` options as transformers TrainingArguments keywords, shared by both trainers.
+
+``train_asr`` adds the Seq2Seq/generation keywords and builds ``Seq2SeqTrainingArguments``;
+``train_sft`` adds TRL's and builds ``SFTConfig``. Keeping the common mapping here means the
+schedule (warm-up as a fraction of an epoch, counted per optimiser step across all processes),
+checkpointing and precision rules are the same for Whisper and causal LMs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict
+
+
+def steps_per_epoch(t, n_train: int) -> int:
+    """Optimiser steps in one epoch: batches per process (``WORLD_SIZE`` of them) over accumulation."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, math.ceil(math.ceil(n_train / (t.batch_size * world)) / t.grad_accum))
+
+
+def common_training_kwargs(t, n_train: int, eval_strategy: str) -> Dict[str, Any]:
+    """Keywords every trainer takes, from a :class:`loratune.config.TrainSection`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    per_epoch = steps_per_epoch(t, n_train)
+    warmup = math.ceil(t.warmup_epochs * per_epoch) if t.warmup_epochs > 0 else t.warmup_steps
+    # Checkpoints follow evaluations so the best one can be reloaded; without evaluation, one per epoch.
+    save_strategy = eval_strategy if eval_strategy != "no" else "epoch"
+    best = bool(t.load_best_model_at_end and eval_strategy != "no")
+    return dict(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        optim=t.optim,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=int(warmup),
+        max_grad_norm=t.max_grad_norm,
+        fp16=bool(t.fp16 and cuda),  # mixed precision is CUDA-only; on the CPU the switches are ignored
+        bf16=bool(t.bf16 and cuda),  # (TRL's SFTConfig would otherwise default bf16 to True)
+        use_cpu=not cuda,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=t.eval_steps if save_strategy == "steps" else 500,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=best,
+        metric_for_best_model=t.metric_for_best_model if best else None,
+        greater_is_better=False if best else None,  # loss, CER, WER: lower is better
+        logging_steps=max(1, min(t.logging_steps, per_epoch)),  # >= 1 train-loss point per epoch for loss.png
+        logging_first_step=True,
+        seed=t.seed,
+        dataloader_num_workers=t.num_workers,
+        torch_compile=t.torch_compile,
+    )
