@@ -15,29 +15,16 @@ epoch) and ``summary.json`` (also printed).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .errors import DataError
+from .trainer_args import last_complete_checkpoint  # noqa: F401  (re-exported for the tests)
 
 log = logging.getLogger(__name__)
 
 CER_LANGUAGES = {"zh", "ja", "ko", "th", "yue", "my", "lo", "chinese", "japanese", "korean", "thai", "cantonese"}
-
-
-def last_complete_checkpoint(output_dir: Path) -> Optional[Path]:
-    """Highest ``checkpoint-N`` holding ``trainer_state.json`` (written last, so a run killed while
-    saving leaves a directory without it, which must not be resumed from)."""
-    if not output_dir.is_dir():
-        return None
-    found = []
-    for p in output_dir.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
 
 
 def metric_name(cfg) -> str:

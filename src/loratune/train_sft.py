@@ -82,12 +82,6 @@ def sft_args(cfg: RunConfig, n_train: int):
     )
 
 
-def _last_checkpoint(output_dir: str):
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-
-
 def train(cfg: RunConfig) -> dict:
     """Run one SFT job end to end; returns the summary written to ``summary.json``."""
     import torch
@@ -96,6 +90,7 @@ def train(cfg: RunConfig) -> dict:
 
     from .data.sft import build_sft_datasets
     from .models.adapters import attach_lora
+    from .trainer_args import last_complete_checkpoint
     from .models.causal import load_causal_lm, load_tokenizer
 
     if cfg.train.threads:
@@ -103,7 +98,7 @@ def train(cfg: RunConfig) -> dict:
     out = Path(cfg.train.output_dir)
     resume_from = None
     if cfg.train.resume:
-        resume_from = _last_checkpoint(cfg.train.output_dir)
+        resume_from = last_complete_checkpoint(Path(cfg.train.output_dir))
         if resume_from is None:
             raise ConfigError(f"train.resume=true but {out} has no checkpoint-* folder; drop --resume to start fresh")
     start = time.time()
@@ -131,7 +126,7 @@ def train(cfg: RunConfig) -> dict:
     )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)  # written first, so a crashed run still says what it was
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.save_model(str(out))  # adapter_model.safetensors + adapter_config.json (+ tokenizer)
     tokenizer.save_pretrained(str(out))
     metrics = {}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 
 def steps_per_epoch(t, n_train: int) -> int:
@@ -58,3 +60,16 @@ def common_training_kwargs(t, n_train: int, eval_strategy: str) -> Dict[str, Any
         dataloader_num_workers=t.num_workers,
         torch_compile=t.torch_compile,
     )
+
+
+def last_complete_checkpoint(output_dir: Path) -> Optional[Path]:
+    """Highest ``checkpoint-N`` holding ``trainer_state.json`` (written last, so a run killed while
+    saving leaves a directory without it, which must not be resumed from)."""
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for p in output_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
