@@ -19,7 +19,6 @@ Reported: tokens/s from the median step time over ``--steps`` after ``--warmup``
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 
@@ -48,6 +47,13 @@ VARIANTS = [
     ("bf16 + Liger, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True, "liger": True}),
     ("bf16 + Liger + compiled layers, 2x2048 packed, no ckpt", "fast", 2, 2048, {"ckpt": 0, "packed": True, "liger": True, "compile": True}),
     ("bf16 + Liger + compiled layers, 2x2048 packed, ckpt quarter", "fast", 2, 2048, {"ckpt": 0.25, "packed": True, "liger": True, "compile": True}),
+    ("bf16, compiled layers, TRL fused LM head, 2x2048 packed, no ckpt", "fused", 2, 2048, {"ckpt": 0, "packed": True, "compile": True, "fused": True}),
+    ("bf16, compiled layers, TRL fused LM head, 2x2048 packed, ckpt eighth", "fused", 2, 2048, {"ckpt": 0.125, "packed": True, "compile": True, "fused": True}),
+    ("bf16, flex attention, compiled layers, TRL fused LM head, 2x2048 packed, no ckpt", "flex", 2, 2048, {"ckpt": 0, "packed": True, "compile": True, "fused": True}),
+    ("bf16, compiled layers, TRL fused LM head, 16x64 packed, no ckpt", "fused", 16, 64, {"ckpt": 0, "packed": True, "compile": True, "fused": True}),
+    ("bf16, flex attention, compiled layers, TRL fused LM head, 16x64 packed, no ckpt", "flex", 16, 64, {"ckpt": 0, "packed": True, "compile": True, "fused": True}),
+    ("shipped recipe (configs/phi3-mini-yoda-qlora.yaml as is), 16x64 packed", "shipped", 16, 64, {"packed": True, "fused": True}),
+    ("shipped recipe + model.attn_implementation=flex_attention, 2x2048 packed", "shipped-flex", 2, 2048, {"packed": True, "fused": True}),
     ("NF4 dequantised, pure bf16, 2x2048 packed, ckpt all", "dequant", 2, 2048, {"ckpt": 1.0, "packed": True}),
     ("NF4 dequantised, pure bf16, 2x2048 packed, ckpt half", "dequant", 2, 2048, {"ckpt": 0.5, "packed": True}),
     ("NF4 dequantised, pure bf16, 2x2048 packed, no ckpt", "dequant", 2, 2048, {"ckpt": 0, "packed": True}),
@@ -70,19 +76,45 @@ def phi3_config(tiny: bool):
                       tie_word_embeddings=False)
 
 
-def load(path, overrides, frozen_bf16: bool, dequant: bool = False):
+# how each model group is loaded: frozen weights cast to bf16, NF4 dequantised, TRL's fused LM head
+# (what SFTTrainer patches in: per-token log-probs in chunks, no (tokens x vocab) fp32 logits),
+# attention; "yaml": the shipped recipe as is, through loratune's own attach_lora + apply_training_speed
+PHI3_YAML = "phi3-mini-yoda-qlora.yaml"
+GROUPS = {
+    "recipe": dict(overrides=RECIPE, frozen_bf16=False),
+    "fast": dict(overrides=FAST, frozen_bf16=True),
+    "dequant": dict(overrides=FAST, frozen_bf16=True, dequant=True),
+    "fused": dict(overrides=FAST, frozen_bf16=True, fused_head=True),
+    "flex": dict(overrides=FAST, frozen_bf16=True, fused_head=True, attn="flex_attention"),
+    "shipped": dict(yaml=PHI3_YAML, fused_head=True),
+    "shipped-flex": dict(yaml=PHI3_YAML, fused_head=True, overrides=["model.attn_implementation=flex_attention"]),
+}
+
+
+def load(path, overrides=(), frozen_bf16: bool = False, dequant: bool = False, fused_head: bool = False,
+         attn: str = "sdpa", yaml: str = None):
     from transformers import AutoModelForCausalLM
 
     from loratune.config import load_config
     from loratune.models.adapters import attach_lora, bnb_config
-    from loratune.models.speed import cast_frozen, dequantize_frozen
+    from loratune.models.speed import apply_training_speed, cast_frozen, dequantize_frozen
 
-    cfg = load_config(None, overrides + [f"model.name={path}"])
+    cfg = load_config(C.REPO / "configs" / yaml if yaml else None, list(overrides) + [f"model.name={path}", "train.report_to=[none]"])
+    if yaml:
+        attn = cfg.model.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, attn_implementation="sdpa", quantization_config=bnb_config(cfg.quant),
+        path, dtype=torch.bfloat16, attn_implementation=attn, quantization_config=bnb_config(cfg.quant),
         device_map={"": 0} if torch.cuda.is_available() else None,
     )
     model.config.use_cache = False
+    if fused_head:  # before PEFT wraps the model, as SFTTrainer does
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    if yaml:  # exactly what loratune train does with the recipe's settings
+        model = attach_lora(model, cfg, task_type="CAUSAL_LM")
+        apply_training_speed(model, cfg)
+        return model, cfg
     # gradient checkpointing is switched per row below; attach_lora prepares input grads for it
     model = attach_lora(model, cfg, task_type="CAUSAL_LM", gradient_checkpointing=True)
     if dequant:
@@ -123,7 +155,10 @@ def run_variant(model, cfg, name, bs, seq, opts, args):
         from liger_kernel.transformers import apply_liger_kernel_to_phi3
 
         apply_liger_kernel_to_phi3(model=model.get_base_model())
-    row["ckpt_layers"] = set_ckpt(model, opts.get("ckpt", 0))
+    if "ckpt" in opts:  # shipped rows keep the recipe's own checkpointing
+        row["ckpt_layers"] = set_ckpt(model, opts["ckpt"])
+    if opts.get("compile"):
+        torch._dynamo.reset()  # fresh graphs per row: no recompile limit reached, no graph of another row reused
     if opts.get("compile"):  # regional: every decoder layer shares one compiled graph (train.compile_layers)
         from loratune.models.speed import checkpointing_layers
 
@@ -147,63 +182,48 @@ def run_variant(model, cfg, name, bs, seq, opts, args):
 
     def step():
         with C.autocast(amp):
-            loss = model(**next(cycle)).loss
+            if opts.get("fused"):  # SFTTrainer's loss: the fused head's mean negative log-likelihood
+                loss = model(**next(cycle), fused_lm_head=True).loss
+            else:
+                loss = model(**next(cycle)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        row["loss"] = float(loss.detach())
+        row["loss"] = loss.detach()  # a tensor: reading it here would synchronise every step
 
-    times = C.time_steps(step, args.warmup, args.steps)
-    row.update(step_s=C.median(times), tok_s=bs * seq / C.median(times), peak_gib=C.peak_gib(), reserved_gib=C.peak_reserved_gib())
+    times = C.time_steps(step, args.warmup, args.steps, args.pipelined)
+    row.update(step_s=C.median(times), tok_s=bs * seq / C.median(times), peak_gib=C.peak_gib(), reserved_gib=C.peak_reserved_gib(),
+               loss=float(row["loss"]), pipelined=args.pipelined)
+    if args.profile and torch.cuda.is_available():
+        row["profile"] = C.profile(step)
     del opt, params, batches, cycle
     C.reset_memory()
     return row
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
-    ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name has one")
-    ap.add_argument("--tiny", action="store_true")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    info = C.versions()
-    print("versions:", info, flush=True)
+    args = C.bench_parser(__doc__).parse_args()
+    info = C.start(args)
     from transformers import Phi3ForCausalLM
 
     path = C.save_random(Phi3ForCausalLM, phi3_config(args.tiny), "phi3-mini" + ("-tiny" if args.tiny else ""), torch.bfloat16)
-    skips = [s for s in args.skip.split(",") if s]
-    rows, loaded = [], {}
-    for name, group, bs, seq, opts in VARIANTS:
-        if any(s in name for s in skips) or (args.rows and not any(s in name for s in args.rows.split(","))):
-            continue
-        t0 = time.time()
-        try:
-            if group not in loaded:
-                loaded.clear()
-                C.reset_memory()
-                loaded[group] = load(path, RECIPE if group == "recipe" else FAST, frozen_bf16=group != "recipe", dequant=group == "dequant")
-            model, cfg = loaded[group]
-            row = run_variant(model, cfg, name, bs, seq, opts, args)
-        except Exception as exc:
-            if not C.is_oom(exc):
-                import traceback
+    loaded = {}
 
-                traceback.print_exc()
-            row = dict(variant=name, batch=bs, seq=seq, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+    def run_one(v):
+        name, group, bs, seq, opts = v
+        if group not in loaded:  # rows of one group share one loaded model (see the note in RESULTS.md)
+            loaded.clear()
             C.reset_memory()
-        row["wall_s"] = round(time.time() - t0, 1)
-        rows.append(row)
-        print(row, flush=True)
-        C.write_json("llm_sft_speed.json", dict(versions=info, args=vars(args), rows=rows))
+            C.reset_sdpa()
+            loaded[group] = load(path, **GROUPS[group])
+        model, cfg = loaded[group]
+        return run_variant(model, cfg, name, bs, seq, opts, args)
+
+    rows = C.run_rows(VARIANTS, lambda v: v[0], run_one, "llm_sft_speed.json", info, args,
+                      lambda v: dict(variant=v[0], batch=v[2], seq=v[3]))
     base = next((r.get("tok_s") for r in rows if "2048" in r["variant"] and "recipe" in r["variant"]), None)
-    for r in rows:
-        if base and r.get("tok_s"):
-            r["x_recipe_2048"] = r["tok_s"] / base
+    C.add_ratio(rows, "tok_s", base, "x_recipe_2048")
     C.print_table(f"Phi-3-mini QLoRA SFT ({info['device']})", rows,
                   ["variant", "tokens", "ckpt_layers", "tok_s", "x_recipe_2048", "peak_gib", "reserved_gib", "step_s", "loss", "error"])
 

@@ -17,7 +17,6 @@ Reported: clips/s (median batch time over ``--reps`` after a warm-up), RTF, peak
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -59,6 +58,7 @@ VARIANTS = [
     ("bf16, bs 128, static cache (compiled decoder)", torch.bfloat16, 128, "full", {"static": True}),
     ("bf16, bs 128, static cache + compiled encoder", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True}),
     ("bf16, bs 128, cuDNN attention", torch.bfloat16, 128, "full", {"sdpa": "cudnn"}),
+    ("bf16, bs 128, static cache + compiled encoder, cuDNN attention", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True, "sdpa": "cudnn"}),
     ("bf16, bs 256, static cache + compiled encoder", torch.bfloat16, 256, "full", {"static": True, "compile_encoder": True}),
 ]
 
@@ -125,43 +125,21 @@ def run_variant(name, dtype, bs, clips, opts, args, path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5)
+    ap = C.bench_parser(__doc__)
+    ap.add_argument("--reps", type=int, default=5, help="timed batches (30-s rows)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hsk-batches", type=int, default=4)
-    ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
-    ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name has one")
-    ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    info = C.versions()
-    print("versions:", info, flush=True)
+    info = C.start(args)
     path = model_path("large-v3-turbo", args.tiny)
-    skips = [s for s in args.skip.split(",") if s]
-    rows = []
-    for name, dtype, bs, clips, opts in VARIANTS:
-        if any(s in name for s in skips) or (args.rows and not any(s in name for s in args.rows.split(","))):
-            continue
-        if args.tiny:
-            bs = min(bs, 4)
-        t0 = time.time()
-        try:
-            row = run_variant(name, dtype, bs, clips, opts, args, path)
-        except Exception as exc:
-            import traceback
 
-            traceback.print_exc()
-            row = dict(variant=name, batch=bs, error=f"{type(exc).__name__}: {str(exc)[:160]}")
-            C.reset_memory()
-        row["wall_s"] = round(time.time() - t0, 1)
-        rows.append(row)
-        print(row, flush=True)
-        C.write_json("whisper_generate_speed.json", dict(versions=info, args=vars(args), rows=rows))
-    base = rows[0].get("clips_s") if rows else None
-    for r in rows:
-        if base and r.get("clips_s"):
-            r["x_hf_default"] = r["clips_s"] / base
+    def run_one(v):
+        name, dtype, bs, clips, opts = v
+        return run_variant(name, dtype, min(bs, 4) if args.tiny else bs, clips, opts, args, path)
+
+    rows = C.run_rows(VARIANTS, lambda v: v[0], run_one, "whisper_generate_speed.json", info, args,
+                      lambda v: dict(variant=v[0], batch=v[2]))
+    C.add_ratio(rows, "clips_s", rows[0].get("clips_s") if rows else None, "x_hf_default")
     C.print_table(f"whisper-large-v3-turbo generate, {args.new_tokens} new tokens ({info['device']})", rows,
                   ["variant", "batch", "frames", "clips_s", "x_hf_default", "rtf", "peak_gib", "warmup_s", "tokens_out", "error"])
 

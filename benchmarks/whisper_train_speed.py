@@ -15,7 +15,6 @@ Reported: median seconds per step over ``--steps`` after ``--warmup``, samples/s
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
@@ -34,13 +33,19 @@ ARCH = {
 }
 TURBO = "whisper-large-v3-turbo-zh-qlora.yaml"
 V2 = "whisper-large-v2-zh-int8-lora.yaml"
+# The recipes ship loratune's fast settings; these overrides give back the tutorials' own settings,
+# the baseline every other row starts from (rows then change one thing at a time, see `extra`).
+TUTORIAL_TURBO = ["quant.compute_dtype=float16", "train.bf16=false", "train.batch_size=4", "train.dequantize_base=false",
+                  "train.frozen_dtype=null", "train.compile_layers=false", "model.sdpa_backend=null"]
+TUTORIAL_V2 = ["train.bf16=false", "train.fp16=true", "train.batch_size=4", "train.grad_accum=4", "train.dequantize_base=false",
+               "train.frozen_dtype=null", "train.compile_layers=false", "model.sdpa_backend=null"]
 FAST_TURBO = ["quant.compute_dtype=bfloat16", "train.bf16=true"]
 FAST_V2 = ["train.fp16=false", "train.bf16=true"]
 
 # (group, row name, recipe yaml, overrides, extra) -- extra: frozen_bf16 (cast_frozen after attach_lora),
 # pure_bf16 (frozen bf16 and no autocast: bf16 activations, fp32 LoRA weights), dequant
 # (speed.dequantize_frozen), clips ("full"/"hsk"), int8_threshold
-VARIANTS = [
+_VARIANTS = [
     ("turbo", "recipe: 4-bit, fp16 compute, no autocast, bs 4", TURBO, [], {}),
     ("turbo", "bf16 autocast, bs 4", TURBO, FAST_TURBO, {}),
     ("turbo", "bf16 autocast, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {}),
@@ -60,6 +65,14 @@ VARIANTS = [
     ("turbo", "NF4 dequantised, autocast, bs 32, ckpt, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=32", "train.gradient_checkpointing=true"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
     ("turbo", "NF4 dequantised, autocast, bs 16, half ckpt, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=16", "train.gradient_checkpointing=true", "train.checkpoint_fraction=0.5"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
     ("turbo", "NF4 dequantised, autocast, bs 10, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=10"], {"frozen_bf16": True, "dequant": True, "compile_layers": True}),
+    ("turbo", "NF4 dequantised, autocast, bs 16, compiled layers, memory budget 0.5", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "mem_budget": 0.5}),
+    ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers, memory budget 0.7", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "mem_budget": 0.7}),
+    ("turbo", "NF4 dequantised, autocast, bs 8, compiled layers, cuDNN attention", TURBO, FAST_TURBO + ["train.batch_size=8"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn"}),
+    ("turbo", "NF4 dequantised, autocast, bs 10, compiled layers, cuDNN attention, memory budget 0.8", TURBO, FAST_TURBO + ["train.batch_size=10"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.8}),
+    ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers, cuDNN attention, memory budget 0.7", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.7}),
+    ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers, cuDNN attention, memory budget 0.6", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.6}),
+    ("turbo", "NF4 dequantised, autocast, bs 16, compiled layers, cuDNN attention, memory budget 0.5", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.5}),
+    ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers, cuDNN attention, memory budget 0.8", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.8}),
     ("turbo", "4-bit kept, bf16 autocast, bs 16, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "compile_layers": True}),
     ("short", "padded 30 s, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
     ("short", "trimmed, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
@@ -72,6 +85,14 @@ VARIANTS = [
     ("large-v2", "int8 dequantised, pure bf16, ckpt, bs 8", V2, FAST_V2 + ["train.batch_size=8"], {"pure_bf16": True, "dequant": True}),
     ("large-v2", "int8 dequantised, pure bf16, ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {"pure_bf16": True, "dequant": True}),
     ("large-v2", "bf16 + frozen bf16, ckpt, bs 16, int8 threshold 0", V2, FAST_V2 + ["train.batch_size=16"], {"frozen_bf16": True, "int8_threshold": 0.0}),
+    ("turbo", "shipped recipe (configs/whisper-large-v3-turbo-zh-qlora.yaml as is)", TURBO, [], {"shipped": True}),
+    ("large-v2", "shipped recipe (configs/whisper-large-v2-zh-int8-lora.yaml as is)", V2, [], {"shipped": True}),
+]
+
+
+VARIANTS = [
+    (g, name, recipe, ov if extra.get("shipped") else (TUTORIAL_TURBO if recipe == TURBO else TUTORIAL_V2) + ov, extra)
+    for g, name, recipe, ov, extra in _VARIANTS
 ]
 
 
@@ -139,6 +160,11 @@ def build(path, cfg, extra):
     if extra.get("compile_layers"):  # regional compilation: one graph per layer class, reused by all 32
         from loratune.models.speed import checkpointing_layers
 
+        torch._dynamo.reset()  # fresh graphs per row: no recompile limit reached, no graph of another row reused
+        # selective recomputation chosen by the compiler's partitioner: 1.0 = save what is cheapest in
+        # time (the default), lower = recompute more to save activation memory
+        torch._functorch.config.activation_memory_budget = extra.get("mem_budget", 1.0)
+
         for layer in checkpointing_layers(model):
             layer.compile()
     return model
@@ -154,6 +180,8 @@ def run_variant(group, name, recipe, overrides, extra, args):
     bs = cfg.train.batch_size
     row = dict(group=group, variant=name, batch=bs, overrides=" ".join(overrides) or "(recipe as is)")
     C.reset_memory()
+    C.reset_sdpa()
+    torch._dynamo.reset()  # fresh compiled graphs per row (no recompile limit, nothing reused across rows)
     model = build(path, cfg, extra)
     model.train()
     dev = C.device()
@@ -193,7 +221,7 @@ def run_variant(group, name, recipe, overrides, extra, args):
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             opt.step()
         opt.zero_grad(set_to_none=True)
-        row["loss"] = float(loss.detach())
+        row["loss"] = loss.detach()  # a tensor: reading it here would synchronise every step
 
     if extra.get("clips") == "hsk":  # one warm-up pass over every shape, then one timed pass
         C.time_steps(step, len(batches), 0)
@@ -204,60 +232,32 @@ def run_variant(group, name, recipe, overrides, extra, args):
         total = time.perf_counter() - t0
         row.update(step_s=total / len(batches), samples_s=bs * len(batches) / total, frames=f"{min(frames_list)}-{max(frames_list)}")
     else:
-        times = C.time_steps(step, args.warmup, args.steps)
+        times = C.time_steps(step, args.warmup, args.steps, args.pipelined)
         row.update(step_s=C.median(times), samples_s=bs / C.median(times), frames=3000)
-    row.update(peak_gib=C.peak_gib(), reserved_gib=C.peak_reserved_gib())
+    row.update(peak_gib=C.peak_gib(), reserved_gib=C.peak_reserved_gib(), loss=float(row["loss"]), pipelined=args.pipelined)
+    if args.profile and torch.cuda.is_available():
+        row["profile"] = C.profile(step)
     del model, opt, batches, cycle, params
     C.reset_memory()
     return row
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.bench_parser(__doc__)
     ap.add_argument("--only", default="turbo,short,large-v2", help="comma-separated groups")
-    ap.add_argument("--skip", default="", help="comma-separated row names (substring) to leave out")
-    ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name has one")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--hsk-batches", type=int, default=8, help="length-grouped batches in a short-clip pass")
-    ap.add_argument("--tiny", action="store_true", help="tiny architecture (CPU rehearsal of the code path)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    info = C.versions()
-    print("versions:", info, flush=True)
+    info = C.start(args)
     groups = args.only.split(",")
-    skips = [s for s in args.skip.split(",") if s]
-    rows = []
-    for group, name, recipe, overrides, extra in VARIANTS:
-        if group not in groups or any(s in name for s in skips):
-            continue
-        if args.rows and not any(s in name for s in args.rows.split(",")):
-            continue
-        t0 = time.time()
-        try:
-            row = run_variant(group, name, recipe, overrides, extra, args)
-        except Exception as exc:  # one OOM / failure must not lose the other rows
-            if not C.is_oom(exc):
-                import traceback
-
-                traceback.print_exc()
-            row = dict(group=group, variant=name, error=f"{type(exc).__name__}: {str(exc)[:120]}", overrides=" ".join(overrides))
-            C.reset_memory()
-        row["wall_s"] = round(time.time() - t0, 1)
-        rows.append(row)
-        print(row, flush=True)
-        C.write_json("whisper_train_speed.json", dict(versions=info, args=vars(args), rows=rows))
+    variants = [v for v in VARIANTS if v[0] in groups]
+    rows = C.run_rows(variants, lambda v: v[1], lambda v: run_variant(*v, args), "whisper_train_speed.json", info, args,
+                      lambda v: dict(group=v[0], variant=v[1], overrides=" ".join(v[3])))
     for group in groups:
         sub = [r for r in rows if r["group"] == group]
-        if not sub:
-            continue
-        base = sub[0].get("samples_s")
-        for r in sub:
-            if base and r.get("samples_s"):
-                r["x_first_row"] = r["samples_s"] / base
-        C.print_table(f"whisper training, {group} ({info['device']})", sub,
-                      ["variant", "batch", "frames", "samples_s", "x_first_row", "peak_gib", "reserved_gib", "step_s", "loss", "error"])
+        if sub:
+            C.add_ratio(sub, "samples_s", sub[0].get("samples_s"), "x_first_row")
+            C.print_table(f"whisper training, {group} ({info['device']})", sub,
+                          ["variant", "batch", "frames", "samples_s", "x_first_row", "peak_gib", "reserved_gib", "step_s", "loss", "error"])
 
 
 if __name__ == "__main__":

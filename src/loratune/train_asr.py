@@ -147,8 +147,10 @@ def train(cfg) -> Dict[str, Any]:
     from .data.asr import prepare_asr_data
     from .data.collator import WhisperCollator
     from .models.whisper import attach_whisper_lora, load_processor, load_whisper, max_label_tokens, resolve_name
+    from .models.speed import check_device_support
     from .reporting import epoch_losses, format_summary, plot_losses, write_json
 
+    check_device_support(cfg)  # bf16 / flex attention on a device that cannot run them: stop now
     started = time.time()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

@@ -65,10 +65,13 @@ def sft_args(cfg: RunConfig, n_train: int):
 
     t = cfg.train
     common = common_training_kwargs(t, n_train, t.eval_strategy)
+    full_ckpt = bool(t.gradient_checkpointing and t.checkpoint_fraction >= 1.0)
     return SFTConfig(
         **common,
-        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # transformers 5's name for gradient checkpointing. attach_lora has switched it on already; the
+        # Trainer would switch it on for every layer again, undoing train.checkpoint_fraction < 1
+        activation_checkpointing=full_ckpt,
+        activation_checkpointing_kwargs={"use_reentrant": False} if full_ckpt else None,
         data_seed=cfg.data.seed,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         train_sampling_strategy="group_by_length" if t.group_by_length and not cfg.sft.packing else "random",
@@ -93,6 +96,9 @@ def train(cfg: RunConfig) -> dict:
     from .trainer_args import last_complete_checkpoint
     from .models.causal import load_causal_lm, load_tokenizer
 
+    from .models.speed import check_device_support
+
+    check_device_support(cfg)  # bf16 / flex attention on a device that cannot run them: stop now
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.train.output_dir)

@@ -129,7 +129,7 @@ class Transcriber:
         model, processor = load_asr(cfg)
         from .models.speed import apply_generation_speed  # whisper.static_cache / compile_encoder, off by default
 
-        apply_generation_speed(model, cfg.whisper)
+        apply_generation_speed(model, cfg.whisper, cfg.model)
         return cls(model, processor, language, cfg.whisper.task, cfg.whisper.num_beams, cfg.whisper.timestamps, cfg.whisper.trim_audio)
 
     def _features(self, audios: Sequence[np.ndarray], long_form: bool):

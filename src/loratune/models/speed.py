@@ -2,7 +2,9 @@
 
     from loratune.models.speed import apply_training_speed, apply_generation_speed
     model = attach_lora(model, cfg, task_type=...)
-    apply_training_speed(model, cfg)       # train.dequantize_base / frozen_dtype / checkpoint_fraction / compile_layers
+    check_device_support(cfg)              # before any long work: bf16 / flex attention need the right device
+    apply_training_speed(model, cfg)       # train.dequantize_base / frozen_dtype / checkpoint_fraction /
+                                           # compile_layers, model.sdpa_backend
     apply_generation_speed(model, cfg.whisper)   # whisper.static_cache / compile_encoder (inference)
 
 Each lever is measured in ``benchmarks/`` and checked against the slow path by
@@ -108,12 +110,60 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     return n
 
 
+def compile_layers(model: nn.Module) -> int:
+    """Regional ``torch.compile``: each transformer layer gets the compiled forward of its class
+    (one graph, reused by every layer of that class), so compilation takes seconds, not minutes,
+    and element-wise work (norms, dropout, GELU, residuals) fuses into few kernels."""
+    layers = checkpointing_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient")
+
+
+def set_sdpa_backend(name: Optional[str]) -> bool:
+    """Make PyTorch's scaled-dot-product attention use one fused kernel family on a CUDA GPU.
+
+    The switch is process-wide (``torch.backends.cuda``), so the Trainer's own forward calls see it
+    without a context manager. The other fused kernels are turned off; PyTorch's math kernel stays
+    as the fallback for a call the chosen kernel cannot run. Returns whether anything was set.
+    """
+    if not name or not torch.cuda.is_available():
+        return False
+    cuda = torch.backends.cuda
+    cuda.enable_cudnn_sdp(name == "cudnn")
+    cuda.enable_flash_sdp(name == "flash")
+    cuda.enable_mem_efficient_sdp(name == "efficient")
+    return True
+
+
+def check_device_support(cfg) -> None:
+    """Refuse, in one line and before data loading or training, settings this machine cannot run."""
+    from ..errors import ConfigError
+
+    cuda = torch.cuda.is_available()
+    wants_bf16 = cfg.train.bf16 or (cfg.quant.bits and cfg.quant.compute_dtype == "bfloat16")
+    if wants_bf16 and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"{torch.cuda.get_device_name(0)} has no bfloat16; set train.bf16=false train.fp16=true "
+            "quant.compute_dtype=float16 (and train.frozen_dtype=float16 if set)"
+        )
+    if cfg.model.attn_implementation == "flex_attention" and not cuda:
+        raise ConfigError("model.attn_implementation=flex_attention trains only on a CUDA GPU; use sdpa here")
+    if cfg.model.sdpa_backend and cfg.model.sdpa_backend not in SDPA_BACKENDS:
+        raise ConfigError(f"model.sdpa_backend={cfg.model.sdpa_backend!r}; choose one of {', '.join(SDPA_BACKENDS)} or null")
+
+
 def apply_training_speed(model: nn.Module, cfg) -> dict:
     """Apply the ``train.*`` speed options to a model that ``attach_lora`` has already wrapped.
 
     Order matters: dequantise first (it replaces modules), then cast what stays frozen, then trim
     checkpointing, then compile (compilation sees the final modules). Returns what was done, for
-    the run summary. Each option is off by default; see README.md (Performance) for measured gains.
+    the run summary. The GPU-only levers (``compile_layers``, ``model.sdpa_backend``) are skipped
+    with a log line on a machine without CUDA, so a GPU recipe still runs (slowly) on a CPU.
+    See README.md (Performance) for the measured gains.
     """
     from ..errors import ConfigError
     from .adapters import DTYPES
@@ -121,6 +171,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
     t = cfg.train
     if getattr(t, "frozen_dtype", None) and t.frozen_dtype not in DTYPES:
         raise ConfigError(f"train.frozen_dtype={t.frozen_dtype!r}; choose one of {', '.join(DTYPES)} or null")
+    cuda = torch.cuda.is_available()
     done = {}
     if getattr(t, "dequantize_base", False) and cfg.quant.bits:
         done["dequantized_layers"] = dequantize_frozen(model, DTYPES[t.frozen_dtype or "bfloat16"])
@@ -131,19 +182,24 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         done["checkpointed_layers"] = set_checkpointed_layers(base, fraction)
     if getattr(t, "compile_layers", False):
-        layers = checkpointing_layers(model)
-        for layer in layers:  # regional compilation: one graph per layer class, reused by every layer
-            layer.compile()
-        done["compiled_layers"] = len(layers)
+        if cuda:
+            done["compiled_layers"] = compile_layers(model)
+        else:
+            log.info("train.compile_layers skipped: it is a GPU lever (no CUDA here)")
+    if set_sdpa_backend(getattr(cfg.model, "sdpa_backend", None)):
+        done["sdpa_backend"] = cfg.model.sdpa_backend
     if done:
         log.info("speed settings: %s", done)
     return done
 
 
-def apply_generation_speed(model: nn.Module, whisper_cfg) -> dict:
-    """Apply ``whisper.static_cache`` / ``whisper.compile_encoder`` to a Whisper model for inference."""
+def apply_generation_speed(model: nn.Module, whisper_cfg, model_cfg=None) -> dict:
+    """Apply ``whisper.static_cache`` / ``whisper.compile_encoder`` (and ``model.sdpa_backend``) to a
+    Whisper model for inference."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     done = {}
+    if set_sdpa_backend(getattr(model_cfg, "sdpa_backend", None) if model_cfg is not None else None):
+        done["sdpa_backend"] = model_cfg.sdpa_backend
     if getattr(whisper_cfg, "static_cache", False):
         # transformers compiles the one-token decoder step itself once the cache is static
         base.generation_config.cache_implementation = "static"
