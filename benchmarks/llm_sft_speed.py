@@ -20,7 +20,6 @@ Reported: tokens/s from the median step time over ``--steps`` after ``--warmup``
 from __future__ import annotations
 
 import itertools
-import time
 
 import torch
 

@@ -23,7 +23,7 @@ from loratune.errors import ConfigError
 from loratune.train_asr import last_complete_checkpoint, train
 
 from test_asr_data import hsk_clips, write_csv
-from tiny import make_tiny_whisper
+from tiny import tiny_asr_overrides
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -31,23 +31,12 @@ RECIPE = REPO / "configs" / "whisper-base-hsk-qlora.yaml"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper"))
-
-
-@pytest.fixture(scope="module")
-def clips_csv(tmp_path_factory, hsk_dir):
-    folder = tmp_path_factory.mktemp("hsk_subset")
-    return write_csv(folder / "clips.csv", hsk_clips(hsk_dir, 8))
+def clips_csv(hsk_csv):
+    return hsk_csv(8)
 
 
 def run_cfg(tiny, clips_csv, hsk_dir, out, *overrides):
-    return load_config(RECIPE, [
-        f"model.name={tiny}", f"data.csv={clips_csv}", f"data.audio_dir={hsk_dir / 'audio'}",
-        "data.eval_split=null", "data.eval_ratio=0.25", f"data.cache_dir={out.parent / 'cache'}",
-        f"train.output_dir={out}", "train.batch_size=2", "train.logging_steps=1", "train.threads=1",
-        *overrides,
-    ])
+    return load_config(RECIPE, tiny_asr_overrides(tiny, clips_csv, hsk_dir, out) + list(overrides))
 
 
 def test_qlora_4bit_trains_saves_and_reloads_like_the_tutorials(tiny, clips_csv, hsk_dir, tmp_path):

@@ -17,28 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from test_asr_data import hsk_clips, write_csv
-from tiny import make_tiny_whisper
+from tiny import tiny_asr_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "whisper-base-hsk-qlora.yaml"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper_ddp"))
-
-
-@pytest.fixture(scope="module")
-def clips_csv(tmp_path_factory, hsk_dir):
-    return write_csv(tmp_path_factory.mktemp("hsk_ddp") / "clips.csv", hsk_clips(hsk_dir, 16))
+def clips_csv(hsk_csv):
+    return hsk_csv(16)
 
 
 def overrides(tiny, clips_csv, hsk_dir, out, batch, *extra):
-    return [
-        f"model.name={tiny}", f"data.csv={clips_csv}", f"data.audio_dir={hsk_dir / 'audio'}",
-        "data.eval_split=null", "data.eval_ratio=0.25", f"data.cache_dir={out.parent / 'cache'}",
-        f"train.output_dir={out}", f"train.batch_size={batch}", "train.logging_steps=1", "train.threads=1",
+    return tiny_asr_overrides(tiny, clips_csv, hsk_dir, out, batch) + [
         # dropout off and 30-s padding (trimming pads each batch to its own longest clip, so 1x4 and 2x2
         # batches would see different encoder inputs); SGD so weight changes are linear in the gradient
         "lora.dropout=0.0", "quant.bits=0", "whisper.trim_audio=false", "train.group_by_length=false",

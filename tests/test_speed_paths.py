@@ -9,23 +9,16 @@ batches change nothing beyond float rounding (1e-5); a static KV cache decodes t
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from loratune.models.speed import cast_frozen, checkpointing_layers, set_checkpointed_layers
 
-from tiny import make_tiny_whisper
 
 torch.set_num_threads(1)
 LABELS = torch.tensor([[50258, 50260, 50359, 50363, 1000, 2000, 3000, 50257]] * 4)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper_speed"))
-
-
-def lora_model(tiny_dir, checkpointing=False):
+def lora_model(tiny, checkpointing=False):
     """Tiny Whisper + LoRA, encoder trimmed so that 4-s inputs keep the CPU test fast (the levers
     under test do not depend on the input length)."""
     from peft import LoraConfig, get_peft_model
@@ -34,7 +27,7 @@ def lora_model(tiny_dir, checkpointing=False):
     from loratune.models.whisper_trim import enable_encoder_trimming
 
     torch.manual_seed(0)
-    model = enable_encoder_trimming(WhisperForConditionalGeneration.from_pretrained(tiny_dir))
+    model = enable_encoder_trimming(WhisperForConditionalGeneration.from_pretrained(tiny))
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -70,9 +63,9 @@ def train_curve(model, steps=6, amp=None, lr=3e-2):
     return np.array(losses)
 
 
-def test_bf16_autocast_with_frozen_bf16_follows_fp32_curve(tiny_dir):
-    slow = train_curve(lora_model(tiny_dir))
-    model = lora_model(tiny_dir)
+def test_bf16_autocast_with_frozen_bf16_follows_fp32_curve(tiny):
+    slow = train_curve(lora_model(tiny))
+    model = lora_model(tiny)
     n = cast_frozen(model, torch.bfloat16)
     assert n > 0
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # fp32 master LoRA weights
@@ -82,10 +75,10 @@ def test_bf16_autocast_with_frozen_bf16_follows_fp32_curve(tiny_dir):
     np.testing.assert_allclose(fast, slow, rtol=0.03)
 
 
-def test_checkpointing_all_half_none_same_loss_and_grads(tiny_dir):
+def test_checkpointing_all_half_none_same_loss_and_grads(tiny):
     results = []
     for fraction in (None, 1.0, 0.5):
-        model = lora_model(tiny_dir, checkpointing=fraction is not None)
+        model = lora_model(tiny, checkpointing=fraction is not None)
         if fraction is not None:
             kept = set_checkpointed_layers(model.get_base_model(), fraction)
             assert kept == round(len(checkpointing_layers(model)) * fraction)
@@ -99,8 +92,8 @@ def test_checkpointing_all_half_none_same_loss_and_grads(tiny_dir):
         torch.testing.assert_close(grads, results[0][1], rtol=1e-4, atol=1e-6)
 
 
-def test_partial_checkpointing_really_skips_layers(tiny_dir):
-    model = lora_model(tiny_dir, checkpointing=True)
+def test_partial_checkpointing_really_skips_layers(tiny):
+    model = lora_model(tiny, checkpointing=True)
     layers = checkpointing_layers(model)
     set_checkpointed_layers(model.get_base_model(), 0.5)
     flags = [bool(l.gradient_checkpointing) for l in layers]
@@ -112,10 +105,10 @@ def generate(model, feats, **kw):
         return model.generate(input_features=feats, language="zh", task="transcribe", max_new_tokens=12, **kw)
 
 
-def test_generate_batching_and_static_cache_keep_transcripts(tiny_dir):
+def test_generate_batching_and_static_cache_keep_transcripts(tiny):
     from transformers import WhisperForConditionalGeneration
 
-    model = WhisperForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(tiny).eval()
     feats = features(seed=3, frames=3000)
     batched = generate(model, feats)
     one_by_one = [generate(model, feats[i : i + 1]) for i in range(4)]
@@ -126,11 +119,11 @@ def test_generate_batching_and_static_cache_keep_transcripts(tiny_dir):
     assert torch.equal(static, batched)
 
 
-def test_bf16_generate_keeps_most_tokens(tiny_dir):
+def test_bf16_generate_keeps_most_tokens(tiny):
     """bf16 inference vs fp32 on a random tiny model: the greedy path agrees on the first tokens."""
     from transformers import WhisperForConditionalGeneration
 
-    model = WhisperForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(tiny).eval()
     feats = features(seed=4, frames=3000)
     ref = generate(model, feats)
     fast = generate(model.to(torch.bfloat16), feats.to(torch.bfloat16))
@@ -139,7 +132,7 @@ def test_bf16_generate_keeps_most_tokens(tiny_dir):
     assert agree >= 0.8, agree
 
 
-def test_dequantized_4bit_base_is_the_same_function(tiny_dir):
+def test_dequantized_4bit_base_is_the_same_function(tiny):
     """train.dequantize_base on a 4-bit base: same logits (bitsandbytes dequantises the same NF4 values)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
@@ -149,7 +142,7 @@ def test_dequantized_4bit_base_is_the_same_function(tiny_dir):
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
-    model = WhisperForConditionalGeneration.from_pretrained(tiny_dir, quantization_config=q, device_map="cpu").eval()
+    model = WhisperForConditionalGeneration.from_pretrained(tiny, quantization_config=q, device_map="cpu").eval()
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     feats = features(seed=5, frames=3000)
     with torch.no_grad():

@@ -101,3 +101,13 @@ def make_tiny_lora_adapter(base_dir: str | Path, out_dir: str | Path, bits: int 
             opt.zero_grad()
     model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def tiny_asr_overrides(tiny, clips_csv, hsk_dir, out, batch: int = 2) -> list:
+    """``key=value`` overrides that point the embedded-default recipe at a tiny Whisper and a CSV of
+    HSK clips, writing under ``out`` (shared by the end-to-end training tests)."""
+    return [
+        f"model.name={tiny}", f"data.csv={clips_csv}", f"data.audio_dir={hsk_dir / 'audio'}",
+        "data.eval_split=null", "data.eval_ratio=0.25", f"data.cache_dir={out.parent / 'cache'}",
+        f"train.output_dir={out}", f"train.batch_size={batch}", "train.logging_steps=1", "train.threads=1",
+    ]

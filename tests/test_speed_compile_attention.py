@@ -1,0 +1,101 @@
+"""The compiled / attention-kernel fast paths compute what the plain path computes, on the CPU.
+
+Run: python -m pytest -q tests/test_speed_compile_attention.py
+
+* ``train.compile_layers`` (regional ``torch.compile``): the training loss curve of a tiny Whisper +
+  LoRA equals the eager one within 1e-4 relative (Inductor fuses element-wise work and may reorder
+  float sums; LoRA dropout is off here because compiled dropout draws other random numbers).
+* ``model.attn_implementation=flex_attention``: on packed sequences (``position_ids`` restarting at
+  each document) a tiny Llama's logits equal SDPA's block-diagonal-mask logits within 1e-4. Flex
+  attention has no CPU backward, so the training-loss check runs on the GPU in
+  ``benchmarks/llm_sft_speed.py`` (same loss to 4 digits, benchmarks/RESULTS.md).
+* the device pre-flight refuses what this machine cannot run, in one line.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loratune.config import load_config
+from loratune.errors import ConfigError
+from loratune.models.speed import check_device_support, compile_layers
+
+from sft_tiny import make_tiny_llama
+from test_speed_paths import lora_model, train_curve
+
+torch.set_num_threads(1)
+
+
+def test_compiled_layers_follow_the_eager_loss_curve(tiny):
+    torch._dynamo.reset()
+    eager = train_curve(lora_model(tiny), steps=4)
+    model = lora_model(tiny)
+    assert compile_layers(model) == 4  # 2 encoder + 2 decoder layers
+    compiled = train_curve(model, steps=4)
+    assert eager[-1] < eager[0]  # it trains
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+
+
+def packed_batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 48), generator=g)
+    lengths = [[20, 28], [9, 17, 22]]  # documents per row
+    pos = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    return ids, pos
+
+
+@pytest.mark.parametrize("impl", ["flex_attention"])
+def test_flex_attention_matches_sdpa_on_packed_sequences(tmp_path, impl):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_llama(tmp_path / "llama")
+    ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    fast = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()
+    ids, pos = packed_batch(ref.config.vocab_size)
+    with torch.no_grad():
+        a = ref(input_ids=ids, position_ids=pos).logits
+        b = fast(input_ids=ids, position_ids=pos).logits
+        # the packing is real: without position_ids the second document sees the first one
+        c = ref(input_ids=ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert (c[:, 20:] - a[:, 20:]).abs().max() > 1e-3
+
+
+def test_preflight_refuses_flex_training_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: flex attention trains here")
+    cfg = load_config(None, ["task=sft", "model.attn_implementation=flex_attention"])
+    with pytest.raises(ConfigError, match="flex_attention trains only on a CUDA GPU"):
+        check_device_support(cfg)
+
+
+def test_preflight_refuses_unknown_sdpa_backend():
+    cfg = load_config(None, ["model.sdpa_backend=fastest"])
+    with pytest.raises(ConfigError, match="model.sdpa_backend='fastest'; choose one of cudnn, flash, efficient"):
+        check_device_support(cfg)
+
+
+def test_gpu_recipes_load_and_pass_preflight_here():
+    """The shipped GPU recipes turn the fast paths on and still pass the pre-flight on a CPU
+    (the GPU-only levers are skipped there with a log line, see apply_training_speed)."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    turbo = load_config(configs / "whisper-large-v3-turbo-zh-qlora.yaml")
+    assert (turbo.train.bf16, turbo.train.dequantize_base, turbo.train.compile_layers, turbo.model.sdpa_backend) == (True, True, True, "cudnn")
+    phi3 = load_config(configs / "phi3-mini-yoda-qlora.yaml")
+    assert phi3.quant.compute_dtype == "bfloat16" and phi3.train.compile_layers and not phi3.train.gradient_checkpointing
+    for cfg in (turbo, phi3):
+        check_device_support(cfg)
+
+
+def test_sft_keeps_partial_checkpointing():
+    """The Trainer would re-enable checkpointing on every layer; with checkpoint_fraction < 1 it must not."""
+    from loratune.train_sft import sft_args
+
+    cfg = load_config(None, ["task=sft", "train.gradient_checkpointing=true", "train.checkpoint_fraction=0.25",
+                             "train.report_to=[none]", "train.output_dir=/tmp/unused"])
+    assert sft_args(cfg, 100).activation_checkpointing is False
+    cfg.train.checkpoint_fraction = 1.0
+    assert sft_args(cfg, 100).activation_checkpointing is True
