@@ -16,7 +16,6 @@ Reported: median seconds per step over ``--steps`` after ``--warmup``, samples/s
 from __future__ import annotations
 
 import itertools
-import math
 import time
 
 import numpy as np
