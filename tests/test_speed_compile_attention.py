@@ -99,3 +99,22 @@ def test_sft_keeps_partial_checkpointing():
     assert sft_args(cfg, 100).activation_checkpointing is False
     cfg.train.checkpoint_fraction = 1.0
     assert sft_args(cfg, 100).activation_checkpointing is True
+
+
+def test_gpu_recipe_speed_settings_still_train_on_a_cpu(tiny):
+    """configs/whisper-large-v3-turbo-zh-qlora.yaml on a machine without CUDA: bf16 frozen weights
+    would meet fp32 inputs (no autocast there), so apply_training_speed keeps them fp32 and skips
+    the GPU-only levers; a training step runs."""
+    from pathlib import Path
+
+    from loratune.models.speed import apply_training_speed
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "whisper-large-v3-turbo-zh-qlora.yaml", ["quant.bits=0"])
+    model = lora_model(tiny)
+    done = apply_training_speed(model, cfg)
+    assert "compiled_layers" not in done and "sdpa_backend" not in done
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    losses = train_curve(model, steps=2)
+    assert np.isfinite(losses).all()

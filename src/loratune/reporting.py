@@ -76,6 +76,49 @@ def write_json(obj: Any, path: Path) -> Path:
     return path
 
 
+def step_timer(warmup_steps: int = 5):
+    """A Trainer callback measuring steady training speed for ``summary.json``.
+
+    It times consecutive optimiser steps (end to end, data loading included), leaving out the first
+    ``warmup_steps`` (compilation, kernel autotuning, allocator growth) and every interval that held
+    an evaluation or a checkpoint save; ``timer.report(samples_per_step)`` gives the median step
+    time and examples (clips / sequences) per second, the mean over the same steps, and the steps
+    that stalled (over 3x the median: e.g. compiling for a new shape). The Trainer's own
+    ``train_samples_per_second`` averages over the whole run, warm-up and evaluations included.
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.last, self.dirty, self.intervals = None, False, []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if self.last is not None and not self.dirty and state.global_step > warmup_steps:
+                self.intervals.append(now - self.last)
+            self.last, self.dirty = now, False
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.dirty = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.dirty = True
+
+        def report(self, samples_per_step: int) -> Dict[str, Any]:
+            if not self.intervals:
+                return {}
+            xs = sorted(self.intervals)
+            median = xs[len(xs) // 2]
+            stalls = [x for x in xs if x > 3 * median]  # recompilation for a new shape, a slow batch ...
+            return {"steady_step_s": round(median, 4), "steady_samples_per_second": round(samples_per_step / median, 2),
+                    "mean_samples_per_second_after_warmup": round(samples_per_step * len(xs) / sum(xs), 2),
+                    "steady_steps_timed": len(xs), "stalled_steps": len(stalls), "stalled_seconds": round(sum(stalls), 1)}
+
+    return StepTimer()
+
+
 def peak_memory_gb() -> Dict[str, float]:
     """Peak GPU memory allocated by PyTorch (when CUDA) and the process's peak resident memory."""
     out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}  # KiB on Linux
@@ -91,7 +134,7 @@ def peak_memory_gb() -> Dict[str, float]:
 
 def format_summary(summary: Dict[str, Any]) -> str:
     keys = ["output_dir", "best_metric", "best_epoch", "epochs_run", "global_step", "resumed_from_step", "wall_time_s",
-            "train_samples_per_second", "peak_rss_gb", "peak_gpu_gb", "trainable_params", "total_params",
+            "train_samples_per_second", "steady_samples_per_second", "peak_rss_gb", "peak_gpu_gb", "trainable_params", "total_params",
             "footprint_gb_base", "footprint_gb_with_adapters", "skipped_rows", "feature_cache_hit"]
     width = max(map(len, keys))
     lines = ["training summary"] + [f"  {k:<{width}}  {summary[k]}" for k in keys if summary.get(k) is not None]

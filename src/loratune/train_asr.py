@@ -148,7 +148,8 @@ def train(cfg) -> Dict[str, Any]:
     from .data.collator import WhisperCollator
     from .models.whisper import attach_whisper_lora, load_processor, load_whisper, max_label_tokens, resolve_name
     from .models.speed import check_device_support
-    from .reporting import epoch_losses, format_summary, plot_losses, write_json
+    from .reporting import epoch_losses, format_summary, plot_losses, step_timer, write_json
+    from .trainer_args import samples_per_step
 
     check_device_support(cfg)  # bf16 / flex attention on a device that cannot run them: stop now
     started = time.time()
@@ -183,7 +184,8 @@ def train(cfg) -> Dict[str, Any]:
     model.get_base_model().accepts_loss_kwargs = False
 
     args = training_arguments(cfg, len(data.train), data.eval is not None)
-    callbacks = []
+    timer = step_timer()  # steady samples/s for summary.json (warm-up and evaluations left out)
+    callbacks = [timer]
     if cfg.train.early_stopping_patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = Seq2SeqTrainer(
@@ -192,7 +194,8 @@ def train(cfg) -> Dict[str, Any]:
         train_dataset=data.train.with_format("numpy"),
         eval_dataset=data.eval.with_format("numpy") if data.eval is not None else None,
         data_collator=WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id, frames_major=True,
-                                      pad_token_id=model.config.pad_token_id),
+                                      pad_token_id=model.config.pad_token_id,
+                                      label_multiple=8 if cfg.train.compile_layers else 1),
         compute_loss_func=token_mean_loss,
         processing_class=processor.feature_extractor,
         compute_metrics=build_compute_metrics(cfg, processor),
@@ -202,6 +205,7 @@ def train(cfg) -> Dict[str, Any]:
     resumed_step = int(resume_from.name.split("-")[1]) if resume_from else None
 
     summary = _summary(cfg, trainer, result, started, resumed_step, data.report, model)
+    summary.update(timer.report(samples_per_step(cfg.train)))
     if trainer.is_world_process_zero():  # under DDP only rank 0 writes
         trainer.model.save_pretrained(out, safe_serialization=True)  # PEFT: the adapter only
         processor.save_pretrained(out)

@@ -117,7 +117,11 @@ def train(cfg: RunConfig) -> dict:
 
     apply_training_speed(model, cfg)
     args = sft_args(cfg, len(train_ds))
-    callbacks = []
+    from .reporting import peak_memory_gb, step_timer
+    from .trainer_args import samples_per_step
+
+    timer = step_timer()  # steady sequences/s for summary.json (warm-up and evaluations left out)
+    callbacks = [timer]
     if cfg.train.early_stopping_patience is not None:
         if not args.load_best_model_at_end:
             raise ConfigError("train.early_stopping_patience needs train.load_best_model_at_end=true")
@@ -156,6 +160,8 @@ def train(cfg: RunConfig) -> dict:
         "eval_loss": metrics.get("eval_loss"),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "wall_time_s": round(time.time() - start, 1),
+        **timer.report(samples_per_step(cfg.train)),
+        **peak_memory_gb(),
         **getattr(model, "loratune_report", {}),
     }
     _write_json(out / "summary.json", summary)

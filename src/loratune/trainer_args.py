@@ -73,3 +73,8 @@ def last_complete_checkpoint(output_dir: Path) -> Optional[Path]:
         if m and p.is_dir() and (p / "trainer_state.json").is_file():
             found.append((int(m.group(1)), p))
     return max(found)[1] if found else None
+
+
+def samples_per_step(t) -> int:
+    """Examples in one optimiser step across every process (batch x accumulation x world size)."""
+    return t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))

@@ -37,12 +37,13 @@ def pad_features(feats: List[np.ndarray], multiple: int = 2) -> np.ndarray:
     return out
 
 
-def pad_labels(labels: List[Any], decoder_start_token_id: Optional[int]) -> torch.Tensor:
-    """Right-pad token id lists with -100; drop a leading decoder-start token shared by all."""
+def pad_labels(labels: List[Any], decoder_start_token_id: Optional[int], multiple: int = 1) -> torch.Tensor:
+    """Right-pad token id lists with -100 (to a multiple of ``multiple``); drop a leading
+    decoder-start token shared by all."""
     seqs = [np.asarray(l, dtype=np.int64).reshape(-1) for l in labels]
     if decoder_start_token_id is not None and seqs and all(len(s) and s[0] == decoder_start_token_id for s in seqs):
         seqs = [s[1:] for s in seqs]
-    longest = max(len(s) for s in seqs)
+    longest = -(-max(len(s) for s in seqs) // multiple) * multiple
     out = torch.full((len(seqs), longest), -100, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.from_numpy(s)
@@ -59,6 +60,9 @@ class WhisperCollator:
     """When set, also return ``decoder_input_ids`` (labels shifted right behind the start token),
     so the loss can be computed outside the model (see ``train_asr.token_mean_loss``)."""
     pad_to_multiple_of: int = 2  # the encoder's stride-2 convolution wants an even frame count
+    label_multiple: int = 1
+    """Pad labels to a multiple of this many tokens: with compiled layers every new label length
+    is a new shape to compile for, so 8 keeps the count of shapes (and recompilations) small."""
 
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         feats = []
@@ -69,7 +73,7 @@ class WhisperCollator:
             feats.append(f.T if self.frames_major else f)
         batch = {"input_features": torch.from_numpy(pad_features(feats, self.pad_to_multiple_of))}
         if "labels" in examples[0]:
-            batch["labels"] = pad_labels([ex["labels"] for ex in examples], self.decoder_start_token_id)
+            batch["labels"] = pad_labels([ex["labels"] for ex in examples], self.decoder_start_token_id, self.label_multiple)
             if self.pad_token_id is not None and self.decoder_start_token_id is not None:
                 batch["decoder_input_ids"] = shift_right(batch["labels"], self.pad_token_id, self.decoder_start_token_id)
         return batch

@@ -173,10 +173,16 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
         raise ConfigError(f"train.frozen_dtype={t.frozen_dtype!r}; choose one of {', '.join(DTYPES)} or null")
     cuda = torch.cuda.is_available()
     done = {}
+    frozen = getattr(t, "frozen_dtype", None)
+    if frozen in ("bfloat16", "float16") and not (cuda and (t.bf16 or t.fp16)):
+        # half-precision frozen weights need autocast; the Trainer runs none on the CPU (or with
+        # bf16/fp16 off), and fp32 inputs would meet bf16 weights: keep fp32 there
+        log.info("train.frozen_dtype=%s skipped: no autocast on this device; frozen weights stay float32", frozen)
+        frozen = "float32"
     if getattr(t, "dequantize_base", False) and cfg.quant.bits:
-        done["dequantized_layers"] = dequantize_frozen(model, DTYPES[t.frozen_dtype or "bfloat16"])
-    if getattr(t, "frozen_dtype", None):
-        done["cast_frozen_tensors"] = cast_frozen(model, DTYPES[t.frozen_dtype])
+        done["dequantized_layers"] = dequantize_frozen(model, DTYPES[frozen or "bfloat16"])
+    if frozen:
+        done["cast_frozen_tensors"] = cast_frozen(model, DTYPES[frozen])
     fraction = getattr(t, "checkpoint_fraction", 1.0)
     if t.gradient_checkpointing and fraction < 1.0:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

