@@ -72,6 +72,7 @@ _VARIANTS = [
     ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers, cuDNN attention, memory budget 0.6", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.6}),
     ("turbo", "NF4 dequantised, autocast, bs 16, compiled layers, cuDNN attention, memory budget 0.5", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.5}),
     ("turbo", "NF4 dequantised, autocast, bs 12, compiled layers, cuDNN attention, memory budget 0.8", TURBO, FAST_TURBO + ["train.batch_size=12"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn", "mem_budget": 0.8}),
+    ("turbo", "NF4 dequantised, autocast, bs 9, compiled layers, cuDNN attention", TURBO, FAST_TURBO + ["train.batch_size=9"], {"frozen_bf16": True, "dequant": True, "compile_layers": True, "sdpa": "cudnn"}),
     ("turbo", "4-bit kept, bf16 autocast, bs 16, compiled layers", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True, "compile_layers": True}),
     ("short", "padded 30 s, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16"], {"frozen_bf16": True}),
     ("short", "trimmed, bf16 + frozen bf16, bs 16", TURBO, FAST_TURBO + ["train.batch_size=16", "whisper.trim_audio=true"], {"frozen_bf16": True, "clips": "hsk"}),
