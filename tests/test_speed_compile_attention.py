@@ -9,7 +9,8 @@ Run: python -m pytest -q tests/test_speed_compile_attention.py
   each document) a tiny Llama's logits equal SDPA's block-diagonal-mask logits within 1e-4. Flex
   attention has no CPU backward, so the training-loss check runs on the GPU in
   ``benchmarks/llm_sft_speed.py`` (same loss to 4 digits, benchmarks/RESULTS.md).
-* the device pre-flight refuses what this machine cannot run, in one line.
+* the device pre-flight refuses what this machine cannot run, in one line (and the config loader
+  refuses an unknown ``model.sdpa_backend``).
 """
 from __future__ import annotations
 
@@ -45,13 +46,12 @@ def packed_batch(vocab: int, seed: int = 0):
     return ids, pos
 
 
-@pytest.mark.parametrize("impl", ["flex_attention"])
-def test_flex_attention_matches_sdpa_on_packed_sequences(tmp_path, impl):
+def test_flex_attention_matches_sdpa_on_packed_sequences(tmp_path):
     from transformers import AutoModelForCausalLM
 
     path = make_tiny_llama(tmp_path / "llama")
     ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
-    fast = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()
+    fast = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_attention", dtype=torch.float32).eval()
     ids, pos = packed_batch(ref.config.vocab_size)
     with torch.no_grad():
         a = ref(input_ids=ids, position_ids=pos).logits
@@ -70,10 +70,10 @@ def test_preflight_refuses_flex_training_without_cuda():
         check_device_support(cfg)
 
 
-def test_preflight_refuses_unknown_sdpa_backend():
-    cfg = load_config(None, ["model.sdpa_backend=fastest"])
-    with pytest.raises(ConfigError, match="model.sdpa_backend='fastest'; choose one of cudnn, flash, efficient"):
-        check_device_support(cfg)
+def test_config_refuses_unknown_sdpa_backend():
+    """Checked when the config loads, so every verb (transcribe too) refuses it before any work."""
+    with pytest.raises(ConfigError, match=r"config key 'model.sdpa_backend' = 'fastest'; choose one of null, cudnn, flash, efficient$"):
+        load_config(None, ["model.sdpa_backend=fastest"])
 
 
 def test_gpu_recipes_load_and_pass_preflight_here():

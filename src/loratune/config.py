@@ -113,6 +113,8 @@ _CHOICES = {
     "convert.dtype": ("float32", "float16", "bfloat16"),
     "export.format": ("ctranslate2",),
     "export.quantization": ("float16", "int8_float16", "int8", "int8_float32", "bfloat16", "float32"),
+    "train.frozen_dtype": (None, "float32", "float16", "bfloat16"),
+    "model.sdpa_backend": (None, "cudnn", "flash", "efficient"),
 }
 
 
@@ -130,7 +132,8 @@ def validate(cfg: RunConfig) -> None:
     for key, allowed in _CHOICES.items():
         value = get_key(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"config key {key!r} = {value!r}; choose one of {', '.join(map(str, allowed))}")
+            names = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"config key {key!r} = {value!r}; choose one of {names}")
     if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
         raise ConfigError("lora.r and lora.alpha must be positive")
     if not cfg.lora.target_modules:

@@ -93,10 +93,10 @@ def train(cfg: RunConfig) -> dict:
 
     from .data.sft import build_sft_datasets
     from .models.adapters import attach_lora
-    from .trainer_args import last_complete_checkpoint
     from .models.causal import load_causal_lm, load_tokenizer
-
-    from .models.speed import check_device_support
+    from .models.speed import apply_training_speed, check_device_support
+    from .reporting import peak_memory_gb, step_timer
+    from .trainer_args import last_complete_checkpoint, samples_per_step
 
     check_device_support(cfg)  # bf16 / flex attention on a device that cannot run them: stop now
     if cfg.train.threads:
@@ -113,13 +113,8 @@ def train(cfg: RunConfig) -> dict:
     set_seed(cfg.train.seed)  # the LoRA A matrices are random: same seed, same adapter init (and DDP ranks agree)
     model = load_causal_lm(cfg, trainable=True)
     model = attach_lora(model, cfg, task_type="CAUSAL_LM")
-    from .models.speed import apply_training_speed  # off unless train.* speed options are set
-
-    apply_training_speed(model, cfg)
+    apply_training_speed(model, cfg)  # off unless train.* speed options are set
     args = sft_args(cfg, len(train_ds))
-    from .reporting import peak_memory_gb, step_timer
-    from .trainer_args import samples_per_step
-
     timer = step_timer()  # steady sequences/s for summary.json (warm-up and evaluations left out)
     callbacks = [timer]
     if cfg.train.early_stopping_patience is not None:

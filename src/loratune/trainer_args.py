@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 def steps_per_epoch(t, n_train: int) -> int:
     """Optimiser steps in one epoch: batches per process (``WORLD_SIZE`` of them) over accumulation."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     return max(1, math.ceil(math.ceil(n_train / (t.batch_size * world)) / t.grad_accum))
 
 
@@ -75,6 +75,11 @@ def last_complete_checkpoint(output_dir: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
+def world_size() -> int:
+    """Training processes (torchrun sets ``WORLD_SIZE``; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def samples_per_step(t) -> int:
     """Examples in one optimiser step across every process (batch x accumulation x world size)."""
-    return t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    return t.batch_size * t.grad_accum * world_size()
