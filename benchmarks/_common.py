@@ -209,6 +209,7 @@ def bench_parser(doc: str, warmup: int = 3, steps: int = 12):
     ap.add_argument("--tiny", action="store_true", help="tiny architecture: a CPU rehearsal of the code path")
     ap.add_argument("--pipelined", action="store_true", help="no synchronisation between timed steps (as the Trainer runs)")
     ap.add_argument("--profile", action="store_true", help="after timing a row, profile 2 steps: top GPU kernels, busy share")
+    ap.add_argument("--launch", action="store_true", help="after timing a row: CPU launch time vs synchronised step, hidden syncs")
     ap.add_argument("--json", default=None, help="result file name under $OUT (default: <script>.json)")
     return ap
 
@@ -259,6 +260,37 @@ def add_ratio(rows: List[Dict], key: str, base: Optional[float], column: str) ->
     for r in rows:
         if base and r.get(key):
             r[column] = r[key] / base
+
+
+def launch_check(step: Callable[[], None], steps: int = 5) -> Dict:
+    """Is a step bound by the CPU? ``launch_ms``: time until ``step()`` returns (kernels queued, not
+    run); ``synced_ms``: until the GPU has finished. Launch close to synced = the GPU waits on the
+    CPU (fewer/cheaper launches pay, CUDA graphs); far below = GPU-bound. ``syncs``: operations that
+    made the CPU wait for the GPU inside one step (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    launch, synced = [], []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        sync()
+        launch.append(t1 - t0)
+        synced.append(time.perf_counter() - t0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        sync()
+    # where: the Python line that called the synchronising operation
+    msgs = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    out = dict(launch_ms=median(launch) * 1e3, synced_ms=median(synced) * 1e3, syncs=len(msgs), sync_at=", ".join(sorted(set(msgs))))
+    print(f"launch check: {out['launch_ms']:.1f} ms to queue a step, {out['synced_ms']:.1f} ms to finish it, {out['syncs']} syncs", flush=True)
+    return out
 
 
 def profile(step: Callable[[], None], steps: int = 2, top: int = 15) -> Dict:

@@ -11,8 +11,8 @@ large-v3-turbo architecture's config (128 mels; vocab 51865 of that tokenizer in
 weights at random (speed does not depend on them), writes 160 synthetic 1-3 s clips with random
 character strings as transcripts (no real sentences: nothing here may train on held-out text), then
 runs ``loratune train configs/whisper-large-v3-turbo-zh-qlora.yaml`` with the tutorial's settings
-(the overrides in the recipe's header), as shipped, and as shipped with 4 data workers (``--runs``
-picks some), and prints each run's steady samples/s (``summary.json``: warm-up, evaluations and
+(the overrides in the recipe's header), as shipped, as shipped without CUDA graphs, and with the
+Trainer's NaN-loss filter back on (``--runs`` picks some), and prints each run's steady samples/s (``summary.json``: warm-up, evaluations and
 saves left out) and peak GPU memory.
 """
 from __future__ import annotations
@@ -121,7 +121,8 @@ def main():
     extra = ["train.batch_size=2"] if args.tiny else []
     rows = [train_once(n, model_dir, csv, ov + extra, args.steps, out)
             for n, ov in [("tutorial settings", TUTORIAL), ("shipped recipe", []),
-                          ("shipped recipe, 4 data workers", ["train.num_workers=4"])]
+                          ("shipped recipe without CUDA graphs", ["train.cuda_graphs=false"]),
+                          ("shipped recipe with the NaN-loss filter (a sync per step)", ["train.nan_inf_filter=true"])]
             if not args.runs or any(s in n for s in args.runs.split(";"))]
     base = rows[0].get("steady_samples_per_second")
     C.add_ratio(rows, "steady_samples_per_second", base, "x_tutorial")

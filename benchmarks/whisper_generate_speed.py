@@ -38,6 +38,45 @@ def generation_config():
     )
 
 
+class Fp8Linear(torch.nn.Module):
+    """Probe of FP8 (e4m3) encoder matmuls for target 5: weights quantised per output channel once,
+    activations per token at run time, ``torch._scaled_mm`` with row-wise scales, bf16 out. Without
+    CUDA the same quantised values are multiplied in fp32 (what the FP8 tensor cores compute, up to
+    summation order), so the accuracy cost can be measured on a CPU."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0  # e4m3's largest value
+        self.register_buffer("wq", (w / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("w_scale", scale.t().contiguous())  # (1, out)
+        self.bias = lin.bias
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        s = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0
+        xq = (x2.float() / s).to(torch.float8_e4m3fn)
+        if x.is_cuda:
+            y = torch._scaled_mm(xq, self.wq.t(), scale_a=s, scale_b=self.w_scale, bias=self.bias, out_dtype=x.dtype)
+        else:
+            y = ((xq.float() * s) @ (self.wq.float() * self.w_scale.t()).t() + self.bias.float()).to(x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def fp8_encoder(model) -> int:
+    n = 0
+    for layer in model.model.encoder.layers:
+        for parent in (layer.self_attn, layer):
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"):
+                lin = getattr(parent, name, None)
+                if isinstance(lin, torch.nn.Linear):
+                    if lin.bias is None:  # k_proj has none; _scaled_mm wants one in the output dtype
+                        lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device), requires_grad=False)
+                    setattr(parent, name, Fp8Linear(lin))
+                    n += 1
+    return n
+
+
 def load(path, dtype):
     from transformers import WhisperForConditionalGeneration
 
@@ -59,6 +98,7 @@ VARIANTS = [
     ("bf16, bs 128, cuDNN attention", torch.bfloat16, 128, "full", {"sdpa": "cudnn"}),
     ("bf16, bs 128, static cache + compiled encoder, cuDNN attention", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True, "sdpa": "cudnn"}),
     ("bf16, bs 256, static cache + compiled encoder", torch.bfloat16, 256, "full", {"static": True, "compile_encoder": True}),
+    ("FP8 encoder matmuls (probe), bs 128, static cache + compiled encoder, cuDNN attention", torch.bfloat16, 128, "full", {"static": True, "compile_encoder": True, "sdpa": "cudnn", "fp8": True}),
 ]
 
 
@@ -71,6 +111,8 @@ def run_variant(name, dtype, bs, clips, opts, args, path):
         from loratune.models.whisper_trim import enable_encoder_trimming
 
         enable_encoder_trimming(model)
+    if opts.get("fp8"):
+        fp8_encoder(model)
     if opts.get("compile_encoder"):
         model.model.encoder = torch.compile(model.model.encoder)
     n_mels = model.config.num_mel_bins
@@ -107,6 +149,14 @@ def run_variant(name, dtype, bs, clips, opts, args, path):
             times.append(time.perf_counter() - t)
         row["clips_s"] = bs / C.median(times)
         row["rtf"] = 1.0 / (row["clips_s"] * 30.0)
+        enc_times = []  # the encoder's share of a batch (the rest is decoding)
+        for i in range(args.reps):
+            t = time.perf_counter()
+            with torch.inference_mode(), C.sdpa_backend(opts.get("sdpa")):
+                model.model.encoder(batches[i % 2])
+            C.sync()
+            enc_times.append(time.perf_counter() - t)
+        row["encoder_ms_per_clip"] = 1e3 * C.median(enc_times) / bs
     else:
         t = time.perf_counter()
         for f in batches:
@@ -140,7 +190,7 @@ def main():
                       lambda v: dict(variant=v[0], batch=v[2]))
     C.add_ratio(rows, "clips_s", rows[0].get("clips_s") if rows else None, "x_hf_default")
     C.print_table(f"whisper-large-v3-turbo generate, {args.new_tokens} new tokens ({info['device']})", rows,
-                  ["variant", "batch", "frames", "clips_s", "x_hf_default", "rtf", "peak_gib", "warmup_s", "tokens_out", "error"])
+                  ["variant", "batch", "frames", "clips_s", "x_hf_default", "encoder_ms_per_clip", "rtf", "peak_gib", "warmup_s", "tokens_out", "error"])
 
 
 if __name__ == "__main__":

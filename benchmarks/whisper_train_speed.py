@@ -86,6 +86,12 @@ _VARIANTS = [
     ("large-v2", "int8 dequantised, pure bf16, ckpt, bs 16", V2, FAST_V2 + ["train.batch_size=16"], {"pure_bf16": True, "dequant": True}),
     ("large-v2", "bf16 + frozen bf16, ckpt, bs 16, int8 threshold 0", V2, FAST_V2 + ["train.batch_size=16"], {"frozen_bf16": True, "int8_threshold": 0.0}),
     ("turbo", "shipped recipe (configs/whisper-large-v3-turbo-zh-qlora.yaml as is)", TURBO, [], {"shipped": True}),
+    ("turbo", "shipped recipe without CUDA graphs", TURBO, ["train.cuda_graphs=false"], {"shipped": True}),
+    ("turbo", "shipped recipe, bs 9", TURBO, ["train.batch_size=9"], {"shipped": True}),
+    ("turbo", "shipped recipe + fused AdamW", TURBO, ["train.optim=adamw_torch_fused"], {"shipped": True, "fused_adamw": True}),
+    ("turbo", "shipped recipe + LoRA inputs kept bf16", TURBO, [], {"shipped": True, "no_input_cast": True}),
+    ("turbo", "shipped recipe + CUDA graphs of the compiled layers", TURBO, [], {"shipped": True, "compile_mode": "reduce-overhead"}),
+    ("turbo", "shipped recipe + whole encoder compiled", TURBO, [], {"shipped": True, "compile_mode": "encoder"}),
     ("large-v2", "shipped recipe (configs/whisper-large-v2-zh-int8-lora.yaml as is)", V2, [], {"shipped": True}),
 ]
 
@@ -148,6 +154,8 @@ def build(path, cfg, extra):
     model.config.use_cache = False
     # task_type None: PeftModelForSeq2SeqLM passes input_ids=None, which Whisper forwards twice (TypeError)
     model = attach_lora(model, cfg, task_type=None)
+    if extra.get("compile_mode"):  # compiled below, in the row's own way
+        cfg.train.compile_layers = False
     apply_training_speed(model, cfg)  # the train.* speed options of the row's overrides, as loratune train does
     if extra.get("dequant"):
         dequantize_frozen(model, torch.bfloat16)
@@ -157,6 +165,20 @@ def build(path, cfg, extra):
         from loratune.models.whisper_trim import enable_encoder_trimming
 
         enable_encoder_trimming(model)
+    if extra.get("no_input_cast"):  # PEFT casts a LoRA input to the fp32 adapter dtype; autocast casts it back
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
+    if extra.get("compile_mode") == "encoder":
+        base = model.get_base_model()
+        base.model.encoder.compile()
+        for layer in base.model.decoder.layers:
+            layer.compile()
+    elif extra.get("compile_mode"):
+        from loratune.models.speed import checkpointing_layers
+
+        for layer in checkpointing_layers(model):
+            layer.compile(mode=extra["compile_mode"])
     if extra.get("compile_layers"):  # what train.compile_layers does, for rows that vary it by hand
         from loratune.models.speed import compile_layers
 
@@ -174,6 +196,9 @@ def run_variant(group, name, recipe, overrides, extra, args):
     path = model_path(arch, args.tiny)
     tiny = ["train.batch_size=2"] if args.tiny else []  # rehearsal: the code path, not the numbers
     cfg = load_config(C.REPO / "configs" / recipe, overrides + tiny + [f"model.name={path}", "train.report_to=[none]"])
+    if args.loss_curve:  # deterministic: no LoRA dropout, same adapter initialisation in every row
+        cfg.lora.dropout = 0.0
+        torch.manual_seed(0)
     bs = cfg.train.batch_size
     row = dict(group=group, variant=name, batch=bs, overrides=" ".join(overrides) or "(recipe as is)")
     C.reset_memory()
@@ -185,7 +210,7 @@ def run_variant(group, name, recipe, overrides, extra, args):
     n_mels = model.config.num_mel_bins
     feat_dtype = torch.float32
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, fused=bool(extra.get("fused_adamw")) or None)
     amp = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
     if not torch.cuda.is_available() or extra.get("pure_bf16"):
         amp = None  # the Trainer ignores fp16/bf16 on the CPU too; pure bf16 needs no autocast
@@ -204,6 +229,8 @@ def run_variant(group, name, recipe, overrides, extra, args):
     cycle = itertools.cycle(batches)
 
     def step():
+        if extra.get("compile_mode") == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier replays' outputs are free
         feats, labels = next(cycle)
         with C.autocast(amp), C.sdpa_backend(extra.get("sdpa")):
             loss = model(input_features=feats, labels=labels).loss
@@ -220,6 +247,15 @@ def run_variant(group, name, recipe, overrides, extra, args):
         opt.zero_grad(set_to_none=True)
         row["loss"] = loss.detach()  # a tensor: reading it here would synchronise every step
 
+    if args.loss_curve:  # the loss of each of the first N steps, read after the step (no timing)
+        curve = []
+        for _ in range(args.loss_curve):
+            step()
+            curve.append(float(row["loss"]))
+        row.update(loss_curve=curve, loss=curve[-1])
+        del model, opt, batches, cycle, params
+        C.reset_memory()
+        return row
     if extra.get("clips") == "hsk":  # one warm-up pass over every shape, then one timed pass
         C.time_steps(step, len(batches), 0)
         t0 = time.perf_counter()
@@ -231,9 +267,12 @@ def run_variant(group, name, recipe, overrides, extra, args):
     else:
         times = C.time_steps(step, args.warmup, args.steps, args.pipelined)
         row.update(step_s=C.median(times), samples_s=bs / C.median(times), frames=3000)
-    row.update(peak_gib=C.peak_gib(), reserved_gib=C.peak_reserved_gib(), loss=float(row["loss"]), pipelined=args.pipelined)
+    row.update(peak_gib=C.peak_gib(), reserved_gib=C.peak_reserved_gib(), pipelined=args.pipelined)
+    if args.launch and torch.cuda.is_available():
+        row.update(C.launch_check(step))
     if args.profile and torch.cuda.is_available():
         row["profile"] = C.profile(step)
+    row["loss"] = float(row["loss"])
     del model, opt, batches, cycle, params
     C.reset_memory()
     return row
@@ -242,6 +281,8 @@ def run_variant(group, name, recipe, overrides, extra, args):
 def main():
     ap = C.bench_parser(__doc__)
     ap.add_argument("--only", default="turbo,short,large-v2", help="comma-separated groups")
+    ap.add_argument("--loss-curve", type=int, default=0, metavar="N",
+                    help="no timing: the first N losses of each row (LoRA dropout 0, same seed), max difference to the first row")
     ap.add_argument("--hsk-batches", type=int, default=8, help="length-grouped batches in a short-clip pass")
     args = ap.parse_args()
     info = C.start(args)
@@ -251,6 +292,15 @@ def main():
                       lambda v: dict(group=v[0], variant=v[1], overrides=" ".join(v[3])))
     for group in groups:
         sub = [r for r in rows if r["group"] == group]
+        if sub and args.loss_curve:
+            ref = next((r["loss_curve"] for r in sub if r.get("loss_curve")), [])
+            for r in sub:
+                curve = r.get("loss_curve") or []
+                if ref and len(curve) == len(ref):
+                    r["max_abs_diff"] = f"{max(abs(a - b) for a, b in zip(curve, ref)):.1e}"
+                    r["first_last"] = f"{curve[0]:.4f} -> {curve[-1]:.4f}"
+            C.print_table(f"loss curves, {group}, {args.loss_curve} steps, vs first row that ran", sub, ["variant", "first_last", "max_abs_diff", "error"])
+            continue
         if sub:
             C.add_ratio(sub, "samples_s", sub[0].get("samples_s"), "x_first_row")
             C.print_table(f"whisper training, {group} ({info['device']})", sub,

@@ -9,6 +9,10 @@ Run: python -m pytest -q tests/test_speed_compile_attention.py
   each document) a tiny Llama's logits equal SDPA's block-diagonal-mask logits within 1e-4. Flex
   attention has no CPU backward, so the training-loss check runs on the GPU in
   ``benchmarks/llm_sft_speed.py`` (same loss to 4 digits, benchmarks/RESULTS.md).
+* ``train.cuda_graphs``: the routed layers (graph replays in training, plain compiled kernels in
+  evaluation) and the precomputed 4-D decoder mask follow the eager loss curve; on a CPU the
+  graphs themselves are skipped by torch, so the GPU loss check (15 steps, same seed, no dropout)
+  is ``benchmarks/whisper_train_speed.py --loss-curve 15`` (benchmarks/RESULTS.md).
 * the device pre-flight refuses what this machine cannot run, in one line (and the config loader
   refuses an unknown ``model.sdpa_backend``).
 """
@@ -20,7 +24,7 @@ import torch
 
 from loratune.config import load_config
 from loratune.errors import ConfigError
-from loratune.models.speed import check_device_support, compile_layers
+from loratune.models.speed import check_device_support, compile_layers, precompute_causal_mask
 
 from sft_tiny import make_tiny_llama
 from test_speed_paths import lora_model, train_curve
@@ -36,6 +40,49 @@ def test_compiled_layers_follow_the_eager_loss_curve(tiny):
     compiled = train_curve(model, steps=4)
     assert eager[-1] < eager[0]  # it trains
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+
+
+def test_precomputed_causal_mask_changes_nothing_but_the_sync(tiny):
+    """Same loss and gradients as transformers' own mask, and the decoder really gets the 4-D mask."""
+    from test_speed_paths import LABELS, features
+
+    def loss_and_grads(model):
+        model.train()
+        loss = model(input_features=features(), labels=LABELS).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ref_loss, ref_grads = loss_and_grads(lora_model(tiny))
+    model = lora_model(tiny)
+    decoder = model.get_base_model().model.decoder
+    precompute_causal_mask(decoder)
+    seen = []
+    decoder.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[1]))  # (hidden, mask, ...)
+    loss, grads = loss_and_grads(model)
+    assert seen[0] is not None and seen[0].dim() == 4 and seen[0].dtype == torch.bool
+    assert not seen[0][0, 0, 0, 1] and seen[0][0, 0, 1, 0]  # causal: no look-ahead
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_cuda_graph_routing_follows_the_eager_loss_curve(tiny):
+    """The routed encoder layers train like eager ones; evaluation takes the plain compiled path."""
+    torch._dynamo.reset()
+    eager = train_curve(lora_model(tiny), steps=4)
+    model = lora_model(tiny)
+    base = model.get_base_model()
+    assert compile_layers(model, graph_layers=list(base.model.encoder.layers)) == 4
+    precompute_causal_mask(base.model.decoder)
+    routed = train_curve(model, steps=4)
+    np.testing.assert_allclose(routed, eager, rtol=1e-4)
+    layer = base.model.encoder.layers[0]
+    assert layer._compiled_call_impl.__name__ == "call"  # routed, not nn.Module.compile's own
+    model.eval()
+    from test_speed_paths import LABELS, features
+
+    with torch.no_grad():  # the evaluation path compiles and runs too
+        assert torch.isfinite(model(input_features=features(), labels=LABELS).loss)
 
 
 def packed_batch(vocab: int, seed: int = 0):

@@ -58,6 +58,11 @@ def common_training_kwargs(t, n_train: int, eval_strategy: str) -> Dict[str, Any
         logging_first_step=True,
         seed=t.seed,
         dataloader_num_workers=t.num_workers,
+        # no per-step GPU sync in the Trainer's loop, so the CPU queues step n+1 while the GPU runs
+        # step n: the NaN filter reads each loss on the CPU (train.nan_inf_filter), and batches
+        # are copied to the GPU asynchronously from the pinned memory the Trainer already uses
+        logging_nan_inf_filter=bool(getattr(t, "nan_inf_filter", False)),
+        accelerator_config={"non_blocking": bool(cuda)},
         torch_compile=t.torch_compile,
     )
 

@@ -13,7 +13,7 @@ Each lever is measured in ``benchmarks/`` and checked against the slow path by
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -110,14 +110,82 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     return n
 
 
-def compile_layers(model: nn.Module) -> int:
+def compile_layers(model: nn.Module, graph_layers: Sequence[nn.Module] = ()) -> int:
     """Regional ``torch.compile``: each transformer layer gets the compiled forward of its class
     (one graph, reused by every layer of that class), so compilation takes seconds, not minutes,
-    and element-wise work (norms, dropout, GELU, residuals) fuses into few kernels."""
+    and element-wise work (norms, dropout, GELU, residuals) fuses into few kernels.
+
+    ``graph_layers`` (a subset, inputs of one fixed shape): their training calls also replay the
+    compiled kernels as CUDA graphs (``train.cuda_graphs``); see :func:`_route_train_graphs`."""
     layers = checkpointing_layers(model)
+    graph_ids = {id(m) for m in graph_layers}
     for layer in layers:
-        layer.compile()
+        if id(layer) in graph_ids and not getattr(layer, "gradient_checkpointing", False):
+            _route_train_graphs(layer)
+        else:
+            layer.compile()
+    if graph_ids:
+        # a new forward in training = a new step: outputs of the last step's graph replays may be
+        # overwritten from here on (they were consumed by its backward)
+        model.register_forward_pre_hook(_new_graph_step)
     return len(layers)
+
+
+def _route_train_graphs(layer: nn.Module) -> None:
+    """Two compiled versions of ``layer``'s call: CUDA-graph replays for training calls (grad on,
+    ``layer.training``), the plain compiled kernels for everything else (evaluation, generation
+    with its growing KV cache, whose many shapes would each record a graph). Both compile the same
+    bound ``_call_impl`` that ``nn.Module.compile`` does, which is the attribute it sets."""
+    graphs = torch.compile(layer._call_impl, mode="reduce-overhead")
+    plain = torch.compile(layer._call_impl)
+
+    def call(*args, **kwargs):
+        fn = graphs if layer.training and torch.is_grad_enabled() else plain
+        return fn(*args, **kwargs)
+
+    layer._compiled_call_impl = call
+
+
+def precompute_causal_mask(decoder: nn.Module) -> None:
+    """Hand a Whisper decoder its causal mask as a ready 4-D tensor during training forwards.
+
+    Without one, transformers' mask builder checks the decoder's position ids for packed sequences
+    with a Python ``if`` on a GPU value (``masking_utils.find_packed_sequence_indices``): the CPU
+    waits there for the encoder's forward to finish once per step, and the GPU then idles while
+    the backward's kernels are launched. A 4-D mask is used as given (transformers' documented
+    custom-mask path); the attention it computes is the same causal attention."""
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if (not module.training or not torch.is_grad_enabled() or ids is None or args
+                or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None):
+            return None
+        n = ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril_()
+        kwargs["attention_mask"] = causal[None, None].expand(ids.shape[0], 1, n, n)
+        return args, kwargs
+
+    decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _new_graph_step(module: nn.Module, args) -> None:
+    if module.training and torch.is_grad_enabled():
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def cuda_graph_layers(model: nn.Module, cfg) -> list:
+    """The layers ``train.cuda_graphs`` may replay as graphs: Whisper's encoder layers when every
+    clip is padded to 30 s (one shape). Trimmed clips (``whisper.trim_audio``) change the length
+    every batch, and a graph per length would cost memory and recording time, so none there."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = getattr(getattr(base, "model", None), "encoder", None)
+    if encoder is None or not hasattr(encoder, "layers"):
+        log.info("train.cuda_graphs skipped: it replays Whisper encoder layers; this model has none")
+        return []
+    if getattr(getattr(cfg, "whisper", None), "trim_audio", False):
+        log.info("train.cuda_graphs skipped: whisper.trim_audio gives every batch its own length")
+        return []
+    return list(encoder.layers)
 
 
 def set_sdpa_backend(name: Optional[str]) -> bool:
@@ -181,7 +249,12 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
         done["checkpointed_layers"] = set_checkpointed_layers(base, fraction)
     if getattr(t, "compile_layers", False):
         if cuda:
-            done["compiled_layers"] = compile_layers(model)
+            graph_layers = cuda_graph_layers(model, cfg) if getattr(t, "cuda_graphs", False) else []
+            done["compiled_layers"] = compile_layers(model, graph_layers)
+            if graph_layers:
+                done["cuda_graph_layers"] = len(graph_layers)
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                precompute_causal_mask(base.model.decoder)
         else:
             log.info("train.compile_layers skipped: it is a GPU lever (no CUDA here)")
     if set_sdpa_backend(getattr(cfg.model, "sdpa_backend", None)):
