@@ -11,8 +11,9 @@ large-v3-turbo architecture's config (128 mels; vocab 51865 of that tokenizer in
 weights at random (speed does not depend on them), writes 160 synthetic 1-3 s clips with random
 character strings as transcripts (no real sentences: nothing here may train on held-out text), then
 runs ``loratune train configs/whisper-large-v3-turbo-zh-qlora.yaml`` with the tutorial's settings
-(the overrides in the recipe's header), as shipped, as shipped without CUDA graphs, and with the
-Trainer's NaN-loss filter back on (``--runs`` picks some), and prints each run's steady samples/s (``summary.json``: warm-up, evaluations and
+(the overrides in the recipe's header), as shipped, as shipped without CUDA graphs, with the
+Trainer's NaN-loss filter back on, and as shipped with evaluations (loss, or CER through
+``generate``) every 40 steps and the best checkpoint reloaded (``--runs`` picks some), and prints each run's steady samples/s (``summary.json``: warm-up, evaluations and
 saves left out) and peak GPU memory.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import _common as C
 from whisper_train_speed import TUTORIAL_TURBO as TUTORIAL  # the recipe header's overrides
 
 RECIPE = C.REPO / "configs" / "whisper-large-v3-turbo-zh-qlora.yaml"
+EVAL = ["train.eval_strategy=steps", "train.eval_steps=40", "train.load_best_model_at_end=true"]
 CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你说年"  # frequent characters
 
 
@@ -99,7 +101,7 @@ def train_once(name: str, model_dir: Path, csv: Path, overrides, steps: int, out
         print(proc.stdout[-3000:], proc.stderr[-6000:])
         return dict(run=name, error=f"exit {proc.returncode}")
     s = json.loads((run_dir / "summary.json").read_text())
-    keys = ["steady_samples_per_second", "mean_samples_per_second_after_warmup", "stalled_steps", "stalled_seconds", "steady_step_s", "steady_steps_timed", "peak_gpu_gb", "train_loss", "wall_time_s",
+    keys = ["best_metric", "steady_samples_per_second", "mean_samples_per_second_after_warmup", "stalled_steps", "stalled_seconds", "steady_step_s", "steady_steps_timed", "peak_gpu_gb", "train_loss", "wall_time_s",
             "train_samples_per_second", "global_step"]
     return dict(run=name, overrides=" ".join(overrides) or "(recipe as is)", **{k: s.get(k) for k in keys})
 
@@ -122,13 +124,16 @@ def main():
     rows = [train_once(n, model_dir, csv, ov + extra, args.steps, out)
             for n, ov in [("tutorial settings", TUTORIAL), ("shipped recipe", []),
                           ("shipped recipe without CUDA graphs", ["train.cuda_graphs=false"]),
-                          ("shipped recipe with the NaN-loss filter (a sync per step)", ["train.nan_inf_filter=true"])]
+                          ("shipped recipe with the NaN-loss filter (a sync per step)", ["train.nan_inf_filter=true"]),
+                          # the recipe's evaluation paths next to the CUDA-graph training steps
+                          ("shipped recipe, evaluating every 40 steps", EVAL),
+                          ("shipped recipe, evaluating every 40 steps by CER (generate)", EVAL + ["train.generate_during_eval=true", "train.metric_for_best_model=eval_cer"])]
             if not args.runs or any(s in n for s in args.runs.split(";"))]
     base = rows[0].get("steady_samples_per_second")
     C.add_ratio(rows, "steady_samples_per_second", base, "x_tutorial")
     C.write_json("recipe_trainer_e2e.json", dict(versions=info, args=vars(args), rows=rows))
     C.print_table(f"loratune train, whisper-large-v3-turbo-zh-qlora, {args.steps} steps ({info['device']})", rows,
-                  ["run", "steady_samples_per_second", "x_tutorial", "mean_samples_per_second_after_warmup", "stalled_steps", "stalled_seconds", "peak_gpu_gb", "train_loss",
+                  ["run", "steady_samples_per_second", "x_tutorial", "best_metric", "mean_samples_per_second_after_warmup", "stalled_steps", "stalled_seconds", "peak_gpu_gb", "train_loss",
                    "wall_time_s", "error"])
 
 

@@ -165,3 +165,23 @@ def test_gpu_recipe_speed_settings_still_train_on_a_cpu(tiny):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     losses = train_curve(model, steps=2)
     assert np.isfinite(losses).all()
+
+
+def test_generate_runs_on_bf16_frozen_weights_outside_autocast(tiny):
+    """``train.frozen_dtype=bfloat16`` + ``train.generate_during_eval``: the evaluation's ``generate``
+    runs without autocast, so fp32 log-mels met bf16 convolution weights (a dtype error at the
+    first evaluation, found on the H100). The encoder now casts its input to its weights' dtype."""
+    from loratune.models.speed import cast_frozen, match_encoder_input_dtype
+    from test_speed_paths import features
+
+    model = lora_model(tiny)
+    cast_frozen(model, torch.bfloat16)
+    model.eval()
+    feats = features()[:2]
+    kw = dict(input_features=feats, max_new_tokens=3, decoder_start_token_id=50258)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="should be the same"):
+        model.generate(**kw)
+    assert match_encoder_input_dtype(model)
+    with torch.no_grad():
+        out = model.generate(**kw)
+    assert out.shape[0] == 2

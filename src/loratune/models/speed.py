@@ -146,6 +146,33 @@ def _route_train_graphs(layer: nn.Module) -> None:
     layer._compiled_call_impl = call
 
 
+def match_encoder_input_dtype(model: nn.Module) -> bool:
+    """Cast Whisper's log-mel input to the dtype of the first convolution's weights.
+
+    With ``train.frozen_dtype=bfloat16`` the convolutions hold bf16 weights while the feature
+    extractor gives fp32. Training forwards run under autocast, which casts anyway (same values);
+    ``generate`` during evaluation (``train.generate_during_eval``) runs outside it and would stop
+    at the first evaluation with a dtype error. Returns whether a hook was added (Whisper only)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = getattr(getattr(base, "model", None), "encoder", None)
+    conv = getattr(encoder, "conv1", None)
+    if conv is None:
+        return False
+
+    def hook(module, args, kwargs):
+        dtype = conv.weight.dtype
+        if args and torch.is_tensor(args[0]) and args[0].dtype != dtype:
+            return (args[0].to(dtype), *args[1:]), kwargs
+        feats = kwargs.get("input_features")
+        if torch.is_tensor(feats) and feats.dtype != dtype:
+            kwargs["input_features"] = feats.to(dtype)
+            return args, kwargs
+        return None
+
+    encoder.register_forward_pre_hook(hook, with_kwargs=True)
+    return True
+
+
 def precompute_causal_mask(decoder: nn.Module) -> None:
     """Hand a Whisper decoder its causal mask as a ready 4-D tensor during training forwards.
 
@@ -243,6 +270,8 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
         done["dequantized_layers"] = dequantize_frozen(model, DTYPES[frozen or "bfloat16"])
     if frozen:
         done["cast_frozen_tensors"] = cast_frozen(model, DTYPES[frozen])
+        if frozen in ("bfloat16", "float16") and match_encoder_input_dtype(model):
+            done["encoder_input_dtype"] = frozen
     fraction = getattr(t, "checkpoint_fraction", 1.0)
     if t.gradient_checkpointing and fraction < 1.0:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
