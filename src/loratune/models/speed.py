@@ -4,7 +4,7 @@
     model = attach_lora(model, cfg, task_type=...)
     check_device_support(cfg)              # before any long work: bf16 / flex attention need the right device
     apply_training_speed(model, cfg)       # train.dequantize_base / frozen_dtype / checkpoint_fraction /
-                                           # compile_layers, model.sdpa_backend
+                                           # compile_layers / cuda_graphs, model.sdpa_backend
     apply_generation_speed(model, cfg.whisper)   # whisper.static_cache / compile_encoder (inference)
 
 Each lever is measured in ``benchmarks/`` and checked against the slow path by
@@ -251,7 +251,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
 
     Order matters: dequantise first (it replaces modules), then cast what stays frozen, then trim
     checkpointing, then compile (compilation sees the final modules). Returns what was done, for
-    the run summary. The GPU-only levers (``compile_layers``, ``model.sdpa_backend``) are skipped
+    the run summary. The GPU-only levers (``compile_layers``, ``cuda_graphs``, ``model.sdpa_backend``) are skipped
     with a log line on a machine without CUDA, so a GPU recipe still runs (slowly) on a CPU.
     See README.md (Performance) for the measured gains.
     """
@@ -286,6 +286,8 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
                 precompute_causal_mask(base.model.decoder)
         else:
             log.info("train.compile_layers skipped: it is a GPU lever (no CUDA here)")
+    elif getattr(t, "cuda_graphs", False):
+        log.info("train.cuda_graphs skipped: it replays compiled layers; set train.compile_layers=true too")
     if set_sdpa_backend(getattr(cfg.model, "sdpa_backend", None)):
         done["sdpa_backend"] = cfg.model.sdpa_backend
     if done:
