@@ -88,6 +88,8 @@ _VARIANTS = [
     ("turbo", "shipped recipe (configs/whisper-large-v3-turbo-zh-qlora.yaml as is)", TURBO, [], {"shipped": True}),
     ("turbo", "shipped recipe without CUDA graphs", TURBO, ["train.cuda_graphs=false"], {"shipped": True}),
     ("turbo", "shipped recipe, bs 9", TURBO, ["train.batch_size=9"], {"shipped": True}),
+    ("turbo", "shipped recipe + coordinate-descent tuning of the compiled kernels", TURBO, [], {"shipped": True, "inductor": {"coordinate_descent_tuning": True}}),
+    ("turbo", "shipped recipe, LoRA dropout 0 (diagnostic: the cost of dropout's random numbers)", TURBO, ["lora.dropout=0"], {"shipped": True}),
     ("turbo", "shipped recipe + fused AdamW", TURBO, ["train.optim=adamw_torch_fused"], {"shipped": True, "fused_adamw": True}),
     ("turbo", "shipped recipe + LoRA inputs kept bf16", TURBO, [], {"shipped": True, "no_input_cast": True}),
     ("turbo", "shipped recipe + CUDA graphs of the compiled layers", TURBO, [], {"shipped": True, "compile_mode": "reduce-overhead"}),
@@ -204,6 +206,11 @@ def run_variant(group, name, recipe, overrides, extra, args):
     C.reset_memory()
     C.reset_sdpa()
     torch._dynamo.reset()  # fresh compiled graphs per row (no recompile limit, nothing reused across rows)
+    import torch._inductor.config as inductor_config
+
+    tuned = {k: getattr(inductor_config, k) for k in extra.get("inductor", {})}
+    for k, v in extra.get("inductor", {}).items():  # restored after the row's first steps compiled
+        setattr(inductor_config, k, v)
     model = build(path, cfg, extra)
     model.train()
     dev = C.device()
@@ -247,6 +254,12 @@ def run_variant(group, name, recipe, overrides, extra, args):
         opt.zero_grad(set_to_none=True)
         row["loss"] = loss.detach()  # a tensor: reading it here would synchronise every step
 
+    if tuned:
+        try:
+            step()  # compile (with the row's Inductor settings) before timing
+        finally:
+            for k, v in tuned.items():
+                setattr(inductor_config, k, v)
     if args.loss_curve:  # the loss of each of the first N steps, read after the step (no timing)
         curve = []
         for _ in range(args.loss_curve):
