@@ -227,8 +227,8 @@ class TrainSection:
     nan_inf_filter: bool = False
     """Trainer's ``logging_nan_inf_filter``: log the running mean in place of a NaN/inf step loss.
     Off: the filter reads every step's loss on the CPU, a GPU sync that stops the next step from
-    being queued while this one runs (turbo through the Trainer on an H100: 52.9 -> 64.3 samples/s); a NaN step then
-    shows as NaN in the logged loss instead of being hidden."""
+    being queued while this one runs (turbo through the Trainer on an H100: 52.9 -> 64.3
+    samples/s); a NaN step then shows as NaN in the logged loss instead of being hidden."""
     group_by_length: bool = False
     """Batch examples of similar length together (pays off with ``whisper.trim_audio``)."""
     torch_compile: bool = False
@@ -253,9 +253,10 @@ class TrainSection:
     +40% Whisper-turbo training speed on an H100 after ~30 s of compilation). GPU only."""
     cuda_graphs: bool = False
     """With ``compile_layers``: training steps replay each Whisper encoder layer's kernels as a CUDA
-    graph (``torch.compile`` mode ``reduce-overhead``), so the GPU no longer waits on Python launching
-    ~1,500 kernels a step (turbo on an H100: +13%, 55.9 -> 63.1 samples/s). 30-s padded clips only (one input shape); layers
-    that are checkpointed, evaluation and generation keep the plain compiled path. GPU only."""
+    graph (``torch.compile`` mode ``reduce-overhead``), so the GPU no longer waits on Python
+    launching ~1,500 kernels a step (turbo on an H100: 55.9 -> 63.1 samples/s). 30-s padded clips
+    only (one input shape); checkpointed layers, evaluation and generation keep the plain compiled
+    path. GPU only."""
     liger_kernel: bool = False
     """SFT: Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear + cross-entropy without the fp32
     logits); needs ``pip install liger-kernel`` and a CUDA GPU."""

@@ -110,6 +110,11 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     return n
 
 
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def compile_layers(model: nn.Module, graph_layers: Sequence[nn.Module] = ()) -> int:
     """Regional ``torch.compile``: each transformer layer gets the compiled forward of its class
     (one graph, reused by every layer of that class), so compilation takes seconds, not minutes,
@@ -153,7 +158,7 @@ def match_encoder_input_dtype(model: nn.Module) -> bool:
     extractor gives fp32. Training forwards run under autocast, which casts anyway (same values);
     ``generate`` during evaluation (``train.generate_during_eval``) runs outside it and would stop
     at the first evaluation with a dtype error. Returns whether a hook was added (Whisper only)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     encoder = getattr(getattr(base, "model", None), "encoder", None)
     conv = getattr(encoder, "conv1", None)
     if conv is None:
@@ -204,7 +209,7 @@ def cuda_graph_layers(model: nn.Module, cfg) -> list:
     """The layers ``train.cuda_graphs`` may replay as graphs: Whisper's encoder layers when every
     clip is padded to 30 s (one shape). Trimmed clips (``whisper.trim_audio``) change the length
     every batch, and a graph per length would cost memory and recording time, so none there."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     encoder = getattr(getattr(base, "model", None), "encoder", None)
     if encoder is None or not hasattr(encoder, "layers"):
         log.info("train.cuda_graphs skipped: it replays Whisper encoder layers; this model has none")
@@ -251,8 +256,9 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
 
     Order matters: dequantise first (it replaces modules), then cast what stays frozen, then trim
     checkpointing, then compile (compilation sees the final modules). Returns what was done, for
-    the run summary. The GPU-only levers (``compile_layers``, ``cuda_graphs``, ``model.sdpa_backend``) are skipped
-    with a log line on a machine without CUDA, so a GPU recipe still runs (slowly) on a CPU.
+    the run summary. The GPU-only levers (``compile_layers``, ``cuda_graphs``, ``model.sdpa_backend``)
+    are skipped with a log line on a machine without CUDA, so a GPU recipe still runs (slowly) on a
+    CPU.
     See README.md (Performance) for the measured gains.
     """
     from .adapters import DTYPES  # train.frozen_dtype's values are checked when the config loads
@@ -274,7 +280,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
             done["encoder_input_dtype"] = frozen
     fraction = getattr(t, "checkpoint_fraction", 1.0)
     if t.gradient_checkpointing and fraction < 1.0:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _base(model)
         done["checkpointed_layers"] = set_checkpointed_layers(base, fraction)
     if getattr(t, "compile_layers", False):
         if cuda:
@@ -282,8 +288,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
             done["compiled_layers"] = compile_layers(model, graph_layers)
             if graph_layers:
                 done["cuda_graph_layers"] = len(graph_layers)
-                base = model.get_base_model() if hasattr(model, "get_base_model") else model
-                precompute_causal_mask(base.model.decoder)
+                precompute_causal_mask(_base(model).model.decoder)
         else:
             log.info("train.compile_layers skipped: it is a GPU lever (no CUDA here)")
     elif getattr(t, "cuda_graphs", False):
@@ -298,7 +303,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
 def apply_generation_speed(model: nn.Module, whisper_cfg, model_cfg=None) -> dict:
     """Apply ``whisper.static_cache`` / ``whisper.compile_encoder`` (and ``model.sdpa_backend``) to a
     Whisper model for inference."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     done = {}
     if set_sdpa_backend(getattr(model_cfg, "sdpa_backend", None)):
         done["sdpa_backend"] = model_cfg.sdpa_backend
