@@ -61,7 +61,7 @@ def common_training_kwargs(t, n_train: int, eval_strategy: str) -> Dict[str, Any
         # no per-step GPU sync in the Trainer's loop, so the CPU queues step n+1 while the GPU runs
         # step n: the NaN filter reads each loss on the CPU (train.nan_inf_filter), and batches
         # are copied to the GPU asynchronously from the pinned memory the Trainer already uses
-        logging_nan_inf_filter=bool(getattr(t, "nan_inf_filter", False)),
+        logging_nan_inf_filter=t.nan_inf_filter,
         accelerator_config={"non_blocking": bool(cuda)},
         torch_compile=t.torch_compile,
     )

@@ -60,6 +60,11 @@ def check_target_modules(model: torch.nn.Module, targets: List[str]) -> None:
         )
 
 
+def peft_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def footprint_gb(model: torch.nn.Module) -> float:
     return model.get_memory_footprint() / 1e9 if hasattr(model, "get_memory_footprint") else float("nan")
 

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .adapters import peft_base
+
 log = logging.getLogger(__name__)
 
 _PACKED = ("Params4bit", "Int8Params")  # bitsandbytes storage: never cast
@@ -110,9 +112,9 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     return n
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _whisper_encoder(model: nn.Module) -> Optional[nn.Module]:
+    """The Whisper encoder of a (PEFT-wrapped) model, or None for other architectures."""
+    return getattr(getattr(peft_base(model), "model", None), "encoder", None)
 
 
 def compile_layers(model: nn.Module, graph_layers: Sequence[nn.Module] = ()) -> int:
@@ -158,8 +160,7 @@ def match_encoder_input_dtype(model: nn.Module) -> bool:
     extractor gives fp32. Training forwards run under autocast, which casts anyway (same values);
     ``generate`` during evaluation (``train.generate_during_eval``) runs outside it and would stop
     at the first evaluation with a dtype error. Returns whether a hook was added (Whisper only)."""
-    base = _base(model)
-    encoder = getattr(getattr(base, "model", None), "encoder", None)
+    encoder = _whisper_encoder(model)
     conv = getattr(encoder, "conv1", None)
     if conv is None:
         return False
@@ -209,8 +210,7 @@ def cuda_graph_layers(model: nn.Module, cfg) -> list:
     """The layers ``train.cuda_graphs`` may replay as graphs: Whisper's encoder layers when every
     clip is padded to 30 s (one shape). Trimmed clips (``whisper.trim_audio``) change the length
     every batch, and a graph per length would cost memory and recording time, so none there."""
-    base = _base(model)
-    encoder = getattr(getattr(base, "model", None), "encoder", None)
+    encoder = _whisper_encoder(model)
     if encoder is None or not hasattr(encoder, "layers"):
         log.info("train.cuda_graphs skipped: it replays Whisper encoder layers; this model has none")
         return []
@@ -280,15 +280,14 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
             done["encoder_input_dtype"] = frozen
     fraction = getattr(t, "checkpoint_fraction", 1.0)
     if t.gradient_checkpointing and fraction < 1.0:
-        base = _base(model)
-        done["checkpointed_layers"] = set_checkpointed_layers(base, fraction)
+        done["checkpointed_layers"] = set_checkpointed_layers(peft_base(model), fraction)
     if getattr(t, "compile_layers", False):
         if cuda:
             graph_layers = cuda_graph_layers(model, cfg) if getattr(t, "cuda_graphs", False) else []
             done["compiled_layers"] = compile_layers(model, graph_layers)
             if graph_layers:
                 done["cuda_graph_layers"] = len(graph_layers)
-                precompute_causal_mask(_base(model).model.decoder)
+                precompute_causal_mask(peft_base(model).model.decoder)
         else:
             log.info("train.compile_layers skipped: it is a GPU lever (no CUDA here)")
     elif getattr(t, "cuda_graphs", False):
@@ -303,7 +302,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
 def apply_generation_speed(model: nn.Module, whisper_cfg, model_cfg=None) -> dict:
     """Apply ``whisper.static_cache`` / ``whisper.compile_encoder`` (and ``model.sdpa_backend``) to a
     Whisper model for inference."""
-    base = _base(model)
+    base = peft_base(model)
     done = {}
     if set_sdpa_backend(getattr(model_cfg, "sdpa_backend", None)):
         done["sdpa_backend"] = model_cfg.sdpa_backend
@@ -311,7 +310,8 @@ def apply_generation_speed(model: nn.Module, whisper_cfg, model_cfg=None) -> dic
         # transformers compiles the one-token decoder step itself once the cache is static
         base.generation_config.cache_implementation = "static"
         done["static_cache"] = True
-    if getattr(whisper_cfg, "compile_encoder", False) and hasattr(base, "model") and hasattr(base.model, "encoder"):
-        base.model.encoder = torch.compile(base.model.encoder)
+    encoder = _whisper_encoder(model)
+    if getattr(whisper_cfg, "compile_encoder", False) and encoder is not None:
+        base.model.encoder = torch.compile(encoder)
         done["compiled_encoder"] = True
     return done

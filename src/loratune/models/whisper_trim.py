@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .adapters import peft_base
 
 SAMPLING_RATE = 16_000
 HOP_LENGTH = 160  # WhisperFeatureExtractor: 10 ms per log-mel frame
@@ -108,12 +109,6 @@ def _trimmed_forward(self, input_features: torch.Tensor, attention_mask=None, **
     return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden)
 
 
-def _generation_model(model: nn.Module) -> nn.Module:
-    """The WhisperForConditionalGeneration (or similar) object whose ``generate`` does the work."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base
-
-
 def _wrap_generate(gen_model: nn.Module, encoder: nn.Module) -> None:
     """Make ``generate(input_features=short)`` encode the trimmed input instead of zero-padding it."""
     if getattr(gen_model, "_loratune_trim_generate", False):
@@ -150,7 +145,7 @@ def enable_encoder_trimming(model: nn.Module) -> nn.Module:
         enc._loratune_full_forward = enc.forward  # bound original (decorators included)
         enc.forward = types.MethodType(_trimmed_forward, enc)
         enc._loratune_trim = True
-    gen_model = _generation_model(model)
+    gen_model = peft_base(model)  # the object whose ``generate`` does the work
     if hasattr(gen_model, "generate") and hasattr(gen_model, "get_encoder"):
         _wrap_generate(gen_model, encoders[0])
     return model
