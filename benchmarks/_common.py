@@ -27,9 +27,9 @@ GiB = 1024**3
 
 def quiet() -> None:
     """Keep transformers' per-call warnings (max_length vs max_new_tokens ...) out of the tables."""
-    from transformers.utils import logging
-
     import warnings
+
+    from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -296,7 +296,8 @@ def launch_check(step: Callable[[], None], steps: int = 5) -> Dict:
 def profile(step: Callable[[], None], steps: int = 2, top: int = 15) -> Dict:
     """Profile ``steps`` calls of ``step`` (already warm): the top GPU kernels by total time and
     the share of the wall time the GPU was busy (a low share means CPU/launch overhead)."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     sync()
     t0 = time.perf_counter()

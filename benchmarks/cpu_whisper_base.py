@@ -15,9 +15,8 @@ import argparse
 import itertools
 import time
 
-import torch
-
 import _common as C
+import torch
 from whisper_train_speed import hsk_batches
 
 RECIPE = "whisper-base-hsk-qlora.yaml"
@@ -83,7 +82,6 @@ def train_row(name, overrides, args, path):
 
 def generate_row(name, trim, args, path):
     from transformers import WhisperForConditionalGeneration
-
     from whisper_generate_speed import generation_config
 
     torch.set_num_threads(2)

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
 import _common as C
+import torch
 
 TARGETS = "[qkv_proj,o_proj,gate_up_proj,down_proj]"
 RECIPE = ["task=sft", "quant.bits=4", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32",

@@ -26,9 +26,8 @@ import sys
 import wave
 from pathlib import Path
 
-import numpy as np
-
 import _common as C
+import numpy as np
 from whisper_train_speed import TUTORIAL_TURBO as TUTORIAL  # the recipe header's overrides
 
 RECIPE = C.REPO / "configs" / "whisper-large-v3-turbo-zh-qlora.yaml"

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import _common as C
+import torch
 from whisper_train_speed import hsk_batches, model_path
 
 HSK_MEAN_S = 1.69  # mean duration of the HSK-like clip distribution (see whisper_train_speed.HSK_PCT)

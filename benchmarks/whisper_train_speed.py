@@ -18,10 +18,9 @@ from __future__ import annotations
 import itertools
 import time
 
+import _common as C
 import numpy as np
 import torch
-
-import _common as C
 
 # HSK-zh clip durations (s), percentiles 0/10/25/50/75/90/99/100 of 300 random clips (av headers).
 HSK_PCT = ([0, 10, 25, 50, 75, 90, 99, 100], [0.73, 1.21, 1.41, 1.61, 1.97, 2.17, 2.97, 3.37])

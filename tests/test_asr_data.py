@@ -36,7 +36,8 @@ def hsk_clips(hsk_dir: Path, n: int):
 
 
 def write_csv(path: Path, rows, header=("ID", "sentence"), encoding="utf-8", bom=False) -> Path:
-    import csv, io
+    import csv
+    import io
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -59,9 +60,8 @@ def sine_set(folder: Path, n: int = 6, seconds=(1.0, 1.6, 0.7, 2.2, 1.3, 0.9)):
 
 @pytest.fixture(scope="module")
 def processor():
-    from transformers import WhisperFeatureExtractor, WhisperProcessor
-
     from tiny import whisper_tokenizer
+    from transformers import WhisperFeatureExtractor, WhisperProcessor
 
     return WhisperProcessor(WhisperFeatureExtractor(feature_size=80), whisper_tokenizer())
 

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_asr_data import hsk_clips, write_csv
+from tiny import tiny_asr_overrides
 
 from loratune.cli import main
 from loratune.config import load_config
 from loratune.errors import ConfigError
 from loratune.train_asr import last_complete_checkpoint, train
-
-from test_asr_data import hsk_clips, write_csv
-from tiny import tiny_asr_overrides
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +58,7 @@ def test_qlora_4bit_trains_saves_and_reloads_like_the_tutorials(tiny, clips_csv,
 
     # the tutorials' reload path, verbatim
     from peft import PeftConfig, PeftModel
-    from transformers import (AutomaticSpeechRecognitionPipeline, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperTokenizer)
+    from transformers import AutomaticSpeechRecognitionPipeline, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
     from loratune.audio import load_audio
 

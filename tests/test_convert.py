@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 from loratune import cli
 from loratune.audio import load_audio
 from loratune.errors import ModelError
 from loratune.export import export_ctranslate2
 from loratune.weights import packaged
-from loratune.weights.ct2 import read_model_bin
 from loratune.weights.convert import convert_ct2_whisper
-from tiny import make_tiny_lora_adapter, make_tiny_whisper
+from loratune.weights.ct2 import read_model_bin
 
 torch.set_num_threads(1)
 ENGLISH = Path(__file__).parent / "data" / "english.mp3"

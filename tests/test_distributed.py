@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tiny import tiny_asr_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 from loratune.config import load_config
 from loratune.errors import ConfigError, DataError, ModelError
 from loratune.evaluate_asr import evaluate
-from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 torch.set_num_threads(1)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 from loratune.audio import load_audio
 from loratune.config import load_config
 from loratune.errors import ModelError
 from loratune.merge import merge
-from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 torch.set_num_threads(1)
 
@@ -103,10 +103,10 @@ def test_merge_refuses_adapter_of_another_base(base, tmp_path, change):
 
 def test_merge_causal_lm_via_cli(tmp_path):
     from peft import LoraConfig, get_peft_model
+    from tiny import whisper_tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from loratune.cli import main
-    from tiny import whisper_tokenizer
 
     tok = whisper_tokenizer()
     base_dir = tmp_path / "llama"

@@ -62,9 +62,8 @@ def test_metric_for_language():
 
 
 def test_compute_metrics_replaces_minus_100_and_decodes():
-    from transformers import EvalPrediction
-
     from tiny import whisper_tokenizer
+    from transformers import EvalPrediction
 
     tok = whisper_tokenizer()
 

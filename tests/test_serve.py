@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import make_tiny_whisper
 
 from loratune.config import ServeSection, load_config
 from loratune.serve import create_app
 from loratune.transcribe import Transcriber
-from tiny import make_tiny_whisper
 
 torch.set_num_threads(1)
 CHROMIUM = "/usr/bin/chromium"

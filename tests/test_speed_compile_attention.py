@@ -21,13 +21,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sft_tiny import make_tiny_llama
+from test_speed_paths import lora_model, train_curve
 
 from loratune.config import load_config
 from loratune.errors import ConfigError
 from loratune.models.speed import check_device_support, compile_layers, precompute_causal_mask
-
-from sft_tiny import make_tiny_llama
-from test_speed_paths import lora_model, train_curve
 
 torch.set_num_threads(1)
 
@@ -171,8 +170,9 @@ def test_generate_runs_on_bf16_frozen_weights_outside_autocast(tiny):
     """``train.frozen_dtype=bfloat16`` + ``train.generate_during_eval``: the evaluation's ``generate``
     runs without autocast, so fp32 log-mels met bf16 convolution weights (a dtype error at the
     first evaluation, found on the H100). The encoder now casts its input to its weights' dtype."""
-    from loratune.models.speed import cast_frozen, match_encoder_input_dtype
     from test_speed_paths import features
+
+    from loratune.models.speed import cast_frozen, match_encoder_input_dtype
 
     model = lora_model(tiny)
     cast_frozen(model, torch.bfloat16)

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 from loratune.audio import load_audio
 from loratune.cli import main as cli
 from loratune.config import load_config
+from loratune.console import quiet_libraries
 from loratune.errors import ConfigError, DataError
 from loratune.transcribe import Transcriber, check_audio, transcribe_files
-from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 torch.set_num_threads(1)
 SR = 16000
@@ -170,3 +171,32 @@ def test_long_form_two_minutes_of_hsk_with_whisper_base(hsk_dir, tmp_path):
     assert long_items.counts.insertions <= clip_items.counts.insertions + 5
     ends = [s.end for s in long.segments]
     assert ends == sorted(ends) and ends[-1] <= long.duration + 0.5
+
+
+def test_token_budget_and_no_generation_warnings(tiny_transcriber, hsk_dir):
+    """One generation config per call: the same tokens as a plain ``generate(max_new_tokens=N)``, and
+    none of transformers' per-batch warnings (no attention mask; max_new_tokens beside max_length)."""
+    import logging
+
+    clips = [load_audio(hsk_dir / "audio" / f"hsk1-000{i}.mp3") for i in range(1, 4)]
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        texts = [t.text for t in tiny_transcriber(clips, max_new_tokens=7)]
+        ours = [r.getMessage()[:60] for r in records]
+        records.clear()
+        quiet_libraries()  # what the loratune command does: hides transformers' own Whisper notice
+        tiny_transcriber(clips, max_new_tokens=7)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in ours if "attention mask" in m or "seem to have been set" in m], ours
+    assert [r.getMessage()[:60] for r in records] == []
+    t = tiny_transcriber
+    x, _ = t._features(clips, long_form=False)
+    with torch.inference_mode():
+        ref = t.model.generate(input_features=x, language="zh", task="transcribe", max_new_tokens=7)
+    assert texts == [s.strip() for s in t.tokenizer.batch_decode(ref, skip_special_tokens=True)]
+    assert ref.shape[-1] <= 4 + 7

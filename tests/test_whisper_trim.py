@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import make_tiny_whisper
 
 from loratune.models.whisper_trim import (
     batch_num_frames,
@@ -15,8 +16,6 @@ from loratune.models.whisper_trim import (
     trimmed_num_frames,
     whisper_encoders,
 )
-
-from tiny import make_tiny_whisper
 
 torch.set_num_threads(1)
 
@@ -29,7 +28,11 @@ def tiny_dir(tmp_path_factory):
 def load(tiny_dir, **kwargs):
     from transformers import WhisperForConditionalGeneration
 
+    from loratune.models.adapters import keep_4bit_layout
+
     model = WhisperForConditionalGeneration.from_pretrained(tiny_dir, **kwargs)
+    if "quantization_config" in kwargs:
+        keep_4bit_layout(model)  # as loratune's loaders do (bitsandbytes' CPU repacking breaks training)
     return model.eval()
 
 

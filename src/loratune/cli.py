@@ -1,7 +1,8 @@
 """The ``loratune`` command: one subcommand per verb, one option style everywhere.
 
-    loratune VERB [RECIPE.yaml] [key=value ...] [PATHS ...] [--resume] [--gpus N]
+    loratune VERB [RECIPE.yaml] [key=value ...] [PATHS ...] [--resume] [--gpus N] [--verbose]
 
+``--verbose`` shows the library notices that ``console.quiet_libraries`` hides.
 ``key=value`` sets any field of :class:`loratune.config.RunConfig` (``loratune VERB --help``
 lists them all with their help text). Positional paths are the verb's inputs (audio files for
 ``transcribe``, a checkpoint for ``convert``). Verbs are imported lazily, so ``--help`` is fast
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from typing import List, Optional
 
+from .console import quiet_libraries, verbose_requested
 from .errors import LoratuneError
 
 # verb -> (module, one-line description)
@@ -28,12 +31,13 @@ VERBS = {
     "serve": ("loratune.serve", "HTTP transcription service with a small web page"),
 }
 
-USAGE = """usage: loratune VERB [RECIPE.yaml] [key=value ...] [PATHS ...] [--resume] [--gpus N]
+USAGE = """usage: loratune VERB [RECIPE.yaml] [key=value ...] [PATHS ...] [--resume] [--gpus N] [--verbose]
 
 verbs:
 {verbs}
 
 `loratune VERB --help` lists every key=value option with its help text.
+--verbose also shows the library notices loratune hides (see loratune/console.py).
 """
 
 
@@ -84,7 +88,17 @@ def _print_help(verb: Optional[str]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+        os.environ["LORATUNE_VERBOSE"] = "1"  # torchrun workers inherit it
+    verbose = verbose_requested()
+    # loratune's own progress at INFO; libraries' INFO chatter (matplotlib's font cache, ...) only
+    # with --verbose, their warnings always (minus the few console.quiet_libraries names)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("loratune").setLevel(logging.INFO)
+    if not verbose:
+        quiet_libraries()
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print_help(None)
         return 0

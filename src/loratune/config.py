@@ -19,25 +19,23 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import ConfigError
 from .config_sections import (  # noqa: F401  (re-exported: the sections are part of this API)
+    ConvertSection,
+    DataSection,
+    EvalSection,
+    ExportSection,
+    GenerateSection,
+    LoraSection,
+    MergeSection,
     ModelSection,
     QuantSection,
-    LoraSection,
-    DataSection,
-    WhisperSection,
+    ServeSection,
     SFTSection,
     TrainSection,
-    EvalSection,
-    GenerateSection,
     TranscribeSection,
-    MergeSection,
-    ServeSection,
-    ConvertSection,
-    ExportSection,
+    WhisperSection,
 )
-
-
+from .errors import ConfigError
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+
 @dataclass
 class ModelSection:
     """Which base model to load."""

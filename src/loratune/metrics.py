@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import unicodedata
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Callable, Dict, List, Optional, Sequence
 

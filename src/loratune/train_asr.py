@@ -146,8 +146,8 @@ def train(cfg) -> Dict[str, Any]:
     from .config import save_config
     from .data.asr import prepare_asr_data
     from .data.collator import WhisperCollator
-    from .models.whisper import attach_whisper_lora, load_processor, load_whisper, max_label_tokens, resolve_name
     from .models.speed import check_device_support
+    from .models.whisper import attach_whisper_lora, load_processor, load_whisper, max_label_tokens, resolve_name
     from .reporting import epoch_losses, format_summary, plot_losses, step_timer, write_json
     from .trainer_args import samples_per_step
 

@@ -148,7 +148,25 @@ class Transcriber:
             from .models.whisper_trim import batch_num_frames
 
             x = x[..., : batch_num_frames(len(a) for a in audios)]
+            mask = mask[..., : x.shape[-1]]
         return x, mask
+
+    def _generation_config(self, max_new_tokens: Optional[int]):
+        """One generation config per call (never a config plus loose generation arguments).
+
+        A token budget is written as ``max_length``: Whisper's ``generate`` fills in a default
+        ``max_length`` before it calls the generic one, so a ``max_new_tokens`` always meets a
+        ``max_length`` there and transformers warns once per batch. Whisper counts ``max_length``
+        after its own prompt (<|startoftranscript|><|lang|><|task|>...) and caps it at the
+        decoder's 448 positions, so it is the same budget. Without one, the checkpoint's applies.
+        """
+        import copy
+
+        gen = copy.deepcopy(self.model.generation_config)
+        gen.num_beams = self.num_beams
+        if max_new_tokens:
+            gen.max_new_tokens, gen.max_length = None, max_new_tokens
+        return gen
 
     def _languages(self, x) -> List[Optional[str]]:
         if self.language:
@@ -174,13 +192,13 @@ class Transcriber:
         timestamps = long_form or self.timestamps
         with torch.inference_mode():
             languages = self._languages(x)
-            kwargs = dict(language=languages, task=self.task, num_beams=self.num_beams, return_timestamps=timestamps)
-            if max_new_tokens:
-                kwargs["max_new_tokens"] = max_new_tokens
+            # attention_mask: where each file ends (the long-form loop needs it; in short form it only
+            # tells generate that the batch is not padded text, which silences its warning)
+            kwargs = dict(language=languages, task=self.task, return_timestamps=timestamps, attention_mask=mask,
+                          generation_config=self._generation_config(max_new_tokens))
             if long_form:
-                # attention_mask tells the long-form loop where each file ends; no conditioning on the
-                # previous window's text (it can propagate a hallucination across windows)
-                kwargs.update(attention_mask=mask, condition_on_prev_tokens=False)
+                # no conditioning on the previous window's text (it can propagate a hallucination across windows)
+                kwargs.update(condition_on_prev_tokens=False)
             if timestamps:
                 kwargs["return_segments"] = True
             result = self.model.generate(input_features=x, **kwargs)

@@ -138,7 +138,8 @@ def _features(ds, token_ids: Dict[int, List[int]], feature_extractor, checker: _
     stream them into an Arrow file at ``path``; returns the number of rows written."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from datasets import Array2D, Features, List as DList, Value
+    from datasets import Array2D, Features, Value
+    from datasets import List as DList
     from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
 

@@ -39,6 +39,34 @@ def bnb_config(quant: QuantSection):
     return BitsAndBytesConfig(**kwargs)
 
 
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the
+    number of 4-bit layers it now leaves alone.
+
+    Why: on CPUs with AVX512-BF16, bitsandbytes >= 0.49 repacks a ``Linear4bit`` weight *in place*
+    the first time the layer runs in eval mode without grad (``packing_format_for_cpu``), rounds
+    its absmax scales to bf16 and computes in bf16 from then on, whatever compute dtype was asked
+    for. It never packs back when the model returns to training, so after one evaluation the next
+    training step takes the inference kernel (``result += bias`` then fails on layers with a bias,
+    and no gradient flows through the base), and ``dequantize_4bit`` of a packed weight returns
+    scrambled values. Call right after ``from_pretrained``, before any forward pass; a layer that
+    was already packed is restored first (its absmax keeps the bf16 rounding the packing did).
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit" or not type(module).__module__.startswith("bitsandbytes"):
+            continue
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+        module.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
+        n += 1
+    return n
+
+
 def linear_module_names(model: torch.nn.Module) -> List[str]:
     """Distinct last-component names of every linear layer (plain or bitsandbytes)."""
     names = set()

@@ -127,7 +127,7 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapters import DTYPES, bnb_config, device_map_for_rank
+    from .adapters import DTYPES, bnb_config, device_map_for_rank, keep_4bit_layout
 
     name, gguf = resolve_causal(cfg.model.name, cfg.model.gguf_file)
     quant = bnb_config(cfg.quant)
@@ -150,7 +150,9 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
     except Exception as exc:
         raise ModelError(f"model.name={cfg.model.name}: cannot load as a causal LM ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    if not quant and torch.cuda.is_available():
+    if quant is not None:
+        keep_4bit_layout(model)  # bitsandbytes' CPU inference repacking breaks later training steps
+    elif torch.cuda.is_available():
         model = model.to("cuda")
     log.info("loaded %s (%s, %s) in %.1f s; memory footprint %.3f GB", cfg.model.name, type(model).__name__,
              f"{cfg.quant.bits}-bit" if cfg.quant.bits else "not quantised", time.time() - start, model.get_memory_footprint() / 1e9)

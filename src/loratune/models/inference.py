@@ -136,7 +136,7 @@ def load_base(name: str, kind: str = "asr", dtype: Optional[torch.dtype] = None,
     """
     from transformers import AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
 
-    from .adapters import bnb_config
+    from .adapters import bnb_config, keep_4bit_layout
 
     device = device or default_device()
     path = resolve_model(name)
@@ -157,6 +157,8 @@ def load_base(name: str, kind: str = "asr", dtype: Optional[torch.dtype] = None,
         raise ModelError(f"model.name={name!r}: cannot load it ({str(exc).splitlines()[0]}); pass a local model directory or a packaged alias such as whisper-base") from exc
     if qcfg is None:
         model.to(device)
+    else:
+        keep_4bit_layout(model)  # same numbers on every CPU as in training (see keep_4bit_layout)
     model.eval()
     return model
 

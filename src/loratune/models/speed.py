@@ -86,6 +86,9 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
 
+    from .adapters import keep_4bit_layout
+
+    keep_4bit_layout(model)  # a weight repacked for bitsandbytes' CPU kernel would dequantise scrambled
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

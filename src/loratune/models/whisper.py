@@ -14,7 +14,7 @@ import logging
 import torch
 
 from ..errors import ModelError
-from .adapters import DTYPES, attach_lora, bnb_config, device_map_for_rank
+from .adapters import DTYPES, attach_lora, bnb_config, device_map_for_rank, keep_4bit_layout
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ def load_whisper(cfg, for_training: bool = True):
         model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs)
     except Exception as exc:
         raise ModelError(f"model.name={cfg.model.name}: loading failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if quant is not None:
+        keep_4bit_layout(model)  # bitsandbytes' CPU inference repacking breaks later training steps
     configure_generation(model, cfg.whisper)
     if for_training:
         model.config.use_cache = False  # the KV cache is useless (and warns) in teacher-forced training
