@@ -91,7 +91,7 @@ def generate_row(name, trim, args, path):
     model.generation_config.task_to_id = {"transcribe": 50359}
     model.generation_config.no_timestamps_token_id = 50363
     if trim:
-        from loratune.models.whisper_trim import enable_encoder_trimming
+        from loratune.asr.trim import enable_encoder_trimming
 
         enable_encoder_trimming(model)
     bs = 8

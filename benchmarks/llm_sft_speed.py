@@ -5,7 +5,7 @@
 
 Phi-3-mini-4k is built from ``Phi3Config`` with random weights (bf16, as published), saved once and
 loaded back through ``from_pretrained`` with bitsandbytes 4-bit NF4 + double quantisation, then
-``loratune.models.adapters.attach_lora`` (LoRA r8 on qkv_proj, o_proj, gate_up_proj, down_proj).
+``loratune.core.adapters.attach_lora`` (LoRA r8 on qkv_proj, o_proj, gate_up_proj, down_proj).
 A step is forward + backward + clip-grad + AdamW on random token ids (labels = inputs).
 
 * recipe: fp32 compute, no autocast (``prepare_model_for_kbit_training`` upcasts the rest to fp32),
@@ -94,8 +94,8 @@ def load(path, overrides=(), frozen_bf16: bool = False, dequant: bool = False, f
     from transformers import AutoModelForCausalLM
 
     from loratune.config import load_config
-    from loratune.models.adapters import attach_lora, bnb_config
-    from loratune.models.speed import apply_training_speed, cast_frozen, dequantize_frozen
+    from loratune.core.adapters import attach_lora, bnb_config
+    from loratune.core.speed import apply_training_speed, cast_frozen, dequantize_frozen
 
     cfg = load_config(C.REPO / "configs" / yaml if yaml else None, list(overrides) + [f"model.name={path}", "train.report_to=[none]"])
     if yaml:
@@ -124,7 +124,7 @@ def load(path, overrides=(), frozen_bf16: bool = False, dequant: bool = False, f
 
 
 def set_ckpt(model, fraction: float):
-    from loratune.models.speed import set_checkpointed_layers
+    from loratune.core.speed import set_checkpointed_layers
 
     base = model.get_base_model()
     if fraction <= 0:
@@ -156,7 +156,7 @@ def run_variant(model, cfg, name, bs, seq, opts, args):
     if "ckpt" in opts:  # shipped rows keep the recipe's own checkpointing
         row["ckpt_layers"] = set_ckpt(model, opts["ckpt"])
     if opts.get("compile"):  # what train.compile_layers does: every decoder layer shares one graph
-        from loratune.models.speed import compile_layers
+        from loratune.core.speed import compile_layers
 
         torch._dynamo.reset()  # fresh graphs per row: no recompile limit reached, no graph of another row reused
         compile_layers(model)

@@ -107,7 +107,7 @@ def run_variant(name, dtype, bs, clips, opts, args, path):
     C.reset_memory()
     model = load(path, dtype)
     if opts.get("trim"):
-        from loratune.models.whisper_trim import enable_encoder_trimming
+        from loratune.asr.trim import enable_encoder_trimming
 
         enable_encoder_trimming(model)
     if opts.get("fp8"):

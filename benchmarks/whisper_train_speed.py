@@ -127,7 +127,7 @@ def model_path(arch: str, tiny: bool):
 
 def hsk_batches(n_clips: int, batch: int, seed: int = 0):
     """Frame counts of length-grouped batches of HSK-like clips (what group_by_length produces)."""
-    from loratune.models.whisper_trim import trimmed_num_frames
+    from loratune.asr.trim import trimmed_num_frames
 
     rng = np.random.default_rng(seed)
     secs = np.sort(np.interp(rng.uniform(0, 100, n_clips), *HSK_PCT))
@@ -136,12 +136,12 @@ def hsk_batches(n_clips: int, batch: int, seed: int = 0):
 
 
 def build(path, cfg, extra):
-    """Load + quantise + LoRA exactly like loratune train (models/whisper.py + adapters.attach_lora)."""
+    """Load + quantise + LoRA exactly like loratune train (asr/model.py + adapters.attach_lora)."""
     from transformers import WhisperForConditionalGeneration
 
-    from loratune.models.adapters import attach_lora, bnb_config
-    from loratune.models.speed import apply_training_speed, cast_frozen, dequantize_frozen
-    from loratune.models.whisper import model_dtype
+    from loratune.asr.model import model_dtype
+    from loratune.core.adapters import attach_lora, bnb_config
+    from loratune.core.speed import apply_training_speed, cast_frozen, dequantize_frozen
 
     kwargs = dict(dtype=model_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
     quant = bnb_config(cfg.quant)
@@ -163,7 +163,7 @@ def build(path, cfg, extra):
     if extra.get("frozen_bf16") or extra.get("pure_bf16"):
         cast_frozen(model, torch.bfloat16)
     if cfg.whisper.trim_audio:
-        from loratune.models.whisper_trim import enable_encoder_trimming
+        from loratune.asr.trim import enable_encoder_trimming
 
         enable_encoder_trimming(model)
     if extra.get("no_input_cast"):  # PEFT casts a LoRA input to the fp32 adapter dtype; autocast casts it back
@@ -176,12 +176,12 @@ def build(path, cfg, extra):
         for layer in base.model.decoder.layers:
             layer.compile()
     elif extra.get("compile_mode"):
-        from loratune.models.speed import checkpointing_layers
+        from loratune.core.speed import checkpointing_layers
 
         for layer in checkpointing_layers(model):
             layer.compile(mode=extra["compile_mode"])
     if extra.get("compile_layers"):  # what train.compile_layers does, for rows that vary it by hand
-        from loratune.models.speed import compile_layers
+        from loratune.core.speed import compile_layers
 
         # selective recomputation chosen by the compiler's partitioner: 1.0 = save what is cheapest in
         # time (the default), lower = recompute more to save activation memory

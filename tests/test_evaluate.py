@@ -9,9 +9,9 @@ import pytest
 import torch
 from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
+from loratune.asr.evaluate import evaluate
 from loratune.config import load_config
 from loratune.errors import ConfigError, DataError, ModelError
-from loratune.evaluate_asr import evaluate
 
 torch.set_num_threads(1)
 
@@ -95,7 +95,7 @@ def test_bad_inputs_fail_before_the_model_loads(models, small_csv, hsk_dir, tmp_
 
 
 def test_language_by_name_and_unknown_to_checkpoint(models):
-    from loratune.models.inference import check_language
+    from loratune.core.loading import check_language
 
     assert check_language("Chinese") == "zh" and check_language("zh") == "zh" and check_language(None) is None
     assert check_language("yue") == "yue"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
-from loratune.audio import load_audio
 from loratune.config import load_config
+from loratune.core.audio import load_audio
 from loratune.errors import ModelError
 from loratune.merge import merge
 
@@ -137,8 +137,8 @@ def test_merge_real_whisper_base_4bit_adapter(hsk_dir, tmp_path):
     from peft import PeftModel
     from transformers import WhisperForConditionalGeneration
 
-    from loratune.transcribe import Transcriber
-    from loratune.weights.resolve import resolve_model
+    from loratune.asr.transcriber import Transcriber
+    from loratune.core.names import resolve_model
 
     base = resolve_model("whisper-base")
     adapter = make_tiny_lora_adapter(base, tmp_path / "adapter", bits=4, steps=2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loratune import metrics
-from loratune.metrics import cer, edit_counts, metric_for, normalize, score, wer
+from loratune.core import metrics
+from loratune.core.metrics import cer, edit_counts, metric_for, normalize, score, wer
 
 
 def test_traditional_to_simplified_and_punctuation_removed():

@@ -16,9 +16,9 @@ import pytest
 import torch
 from tiny import make_tiny_whisper
 
+from loratune.asr.transcriber import Transcriber
 from loratune.config import ServeSection, load_config
 from loratune.serve import create_app
-from loratune.transcribe import Transcriber
 
 torch.set_num_threads(1)
 CHROMIUM = "/usr/bin/chromium"
@@ -168,7 +168,7 @@ def test_browser_upload_tiny(tiny_server, hsk_dir, tmp_path):
 @pytest.mark.slow
 def test_browser_upload_whisper_base_screenshot(hsk_dir, repo_root, tmp_path):
     """Real weights: the page shows the Chinese transcript; the screenshot goes to docs/."""
-    from loratune.metrics import cer
+    from loratune.core.metrics import cer
 
     shot = repo_root / "docs" / "serve-screenshot.png"
     clip = tmp_path / "hsk1-0002.mp3"
@@ -182,11 +182,11 @@ def test_browser_upload_whisper_base_screenshot(hsk_dir, repo_root, tmp_path):
 def test_cli_serve_binds_localhost_by_default(monkeypatch):
     import uvicorn
 
-    import loratune.transcribe
+    import loratune.asr.transcriber
     from loratune.cli import main
 
     seen = {}
-    monkeypatch.setattr(loratune.transcribe.Transcriber, "from_config", classmethod(lambda cls, cfg: object()))
+    monkeypatch.setattr(loratune.asr.transcriber.Transcriber, "from_config", classmethod(lambda cls, cfg: object()))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
     assert main(["serve", "model.name=anything"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000

@@ -15,14 +15,14 @@ from sft_tiny import make_tiny_llama, make_tokenizer  # noqa: E402
 
 from loratune.cli import main  # noqa: E402
 from loratune.config import load_config  # noqa: E402
-from loratune.data.sft import (  # noqa: E402
+from loratune.errors import ConfigError, DataError  # noqa: E402
+from loratune.llm.data import (  # noqa: E402
     INSTRUCTION_TEMPLATE,
     build_sft_datasets,
     encode_example,
     resolve_template,
     split_train_eval,
 )
-from loratune.errors import ConfigError, DataError  # noqa: E402
 
 PAIRS = [("你好", "Hello."), ("谢谢你！", "Thank you!"), ("对不起。", "Sorry."), ("老师，您好！", "Hello, teacher!"),
          ("没关系。", "It's okay."), ("不客气。", "You're welcome.")]
@@ -124,7 +124,7 @@ def test_hsk_recipe_trains_on_train_rows_only(repo_root, hsk_dir, tok, monkeypat
 
 
 def test_clean_answer_cuts_at_the_next_section():
-    from loratune.generate import clean_answer
+    from loratune.llm.generation import clean_answer
 
     assert clean_answer(" I like tea.\n\n### Answer:\nI like", "instruction") == "I like tea."
     assert clean_answer("I like tea.\n\n###", "instruction") == "I like tea."  # generation stops on the marker
@@ -173,8 +173,8 @@ def test_chat_template_missing_is_a_config_error():
 
 
 def test_unknown_target_module_lists_real_layers(tmp_path, tiny_llama):
-    from loratune.models.adapters import attach_lora
-    from loratune.models.causal import load_causal_lm
+    from loratune.core.adapters import attach_lora
+    from loratune.llm.model import load_causal_lm
 
     cfg = _cfg([f"model.name={tiny_llama}", "lora.target_modules=[query_key_value]"])
     with pytest.raises(ConfigError, match=r"query_key_value.*match nothing.*q_proj.*v_proj"):
@@ -183,7 +183,7 @@ def test_unknown_target_module_lists_real_layers(tmp_path, tiny_llama):
 
 def test_bad_model_paths(tmp_path):
     from loratune.errors import ModelError
-    from loratune.models.causal import resolve_causal
+    from loratune.llm.model import resolve_causal
 
     with pytest.raises(ModelError, match="GGUF file not found"):
         resolve_causal(str(tmp_path / "x.gguf"))
@@ -215,6 +215,8 @@ def test_qlora_sft_on_cpu_saves_adapter_generates_and_evaluates(tmp_path, arch, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 4 and summary["trainable_params"] > 0 and summary["quant_bits"] == 4
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card and "supervised fine-tuning" in card and summary["task"] == "sft"
     assert load_config(out / "loratune_config.yaml").model.name == str(model_dir)
     capsys.readouterr()
     assert main(["generate", *common, f"model.adapter={out}", "generate.max_new_tokens=5", "prompt=Translate: 你好"]) == 0
@@ -265,7 +267,7 @@ def test_missing_adapter_is_a_model_error(tmp_path, tiny_llama, capsys):
 @pytest.mark.slow
 def test_packaged_gemma_alias_caches_and_generates(tmp_path, monkeypatch):
     """First load assembles + de-quantises the GGUF into the cache; the second reads the cache fast."""
-    from loratune.models.causal import load_causal_lm, load_tokenizer, packaged_gemma
+    from loratune.llm.model import load_causal_lm, load_tokenizer, packaged_gemma
 
     shared = os.environ.get("LORATUNE_CACHE")  # reuse a warm cache when CI has one; else build it here
     if not shared:

@@ -25,8 +25,8 @@ from sft_tiny import make_tiny_llama
 from test_speed_paths import lora_model, train_curve
 
 from loratune.config import load_config
+from loratune.core.speed import check_device_support, compile_layers, precompute_causal_mask
 from loratune.errors import ConfigError
-from loratune.models.speed import check_device_support, compile_layers, precompute_causal_mask
 
 torch.set_num_threads(1)
 
@@ -138,7 +138,7 @@ def test_gpu_recipes_load_and_pass_preflight_here():
 
 def test_sft_keeps_partial_checkpointing():
     """The Trainer would re-enable checkpointing on every layer; with checkpoint_fraction < 1 it must not."""
-    from loratune.train_sft import sft_args
+    from loratune.llm.train import sft_args
 
     cfg = load_config(None, ["task=sft", "train.gradient_checkpointing=true", "train.checkpoint_fraction=0.25",
                              "train.report_to=[none]", "train.output_dir=/tmp/unused"])
@@ -153,7 +153,7 @@ def test_gpu_recipe_speed_settings_still_train_on_a_cpu(tiny):
     the GPU-only levers; a training step runs."""
     from pathlib import Path
 
-    from loratune.models.speed import apply_training_speed
+    from loratune.core.speed import apply_training_speed
 
     if torch.cuda.is_available():
         pytest.skip("CPU behaviour")
@@ -172,7 +172,7 @@ def test_generate_runs_on_bf16_frozen_weights_outside_autocast(tiny):
     first evaluation, found on the H100). The encoder now casts its input to its weights' dtype."""
     from test_speed_paths import features
 
-    from loratune.models.speed import cast_frozen, match_encoder_input_dtype
+    from loratune.core.speed import cast_frozen, match_encoder_input_dtype
 
     model = lora_model(tiny)
     cast_frozen(model, torch.bfloat16)

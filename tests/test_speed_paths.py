@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loratune.models.speed import cast_frozen, checkpointing_layers, set_checkpointed_layers
+from loratune.core.speed import cast_frozen, checkpointing_layers, set_checkpointed_layers
 
 torch.set_num_threads(1)
 LABELS = torch.tensor([[50258, 50260, 50359, 50363, 1000, 2000, 3000, 50257]] * 4)
@@ -23,7 +23,7 @@ def lora_model(tiny, checkpointing=False):
     from peft import LoraConfig, get_peft_model
     from transformers import WhisperForConditionalGeneration
 
-    from loratune.models.whisper_trim import enable_encoder_trimming
+    from loratune.asr.trim import enable_encoder_trimming
 
     torch.manual_seed(0)
     model = enable_encoder_trimming(WhisperForConditionalGeneration.from_pretrained(tiny))
@@ -137,8 +137,8 @@ def test_dequantized_4bit_base_is_the_same_function(tiny):
     from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
 
     from loratune.config import load_config
-    from loratune.models.adapters import keep_4bit_layout
-    from loratune.models.speed import apply_training_speed
+    from loratune.core.adapters import keep_4bit_layout
+    from loratune.core.speed import apply_training_speed
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
@@ -168,7 +168,7 @@ def test_dequantize_after_cpu_repacking_gives_the_quantised_weights(tiny):
     from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
     from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
 
-    from loratune.models.speed import dequantize_frozen
+    from loratune.core.speed import dequantize_frozen
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
                            bnb_4bit_compute_dtype=torch.float32)
@@ -192,9 +192,9 @@ def test_loaders_keep_the_training_layout_of_4bit_weights(tiny):
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
     from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
 
+    from loratune.asr.model import load_whisper
     from loratune.config import load_config
-    from loratune.models.adapters import keep_4bit_layout
-    from loratune.models.whisper import load_whisper
+    from loratune.core.adapters import keep_4bit_layout
 
     model, _, _ = load_whisper(load_config(None, [f"model.name={tiny}", "quant.bits=4"]))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

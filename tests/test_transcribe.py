@@ -16,12 +16,13 @@ import pytest
 import torch
 from tiny import make_tiny_lora_adapter, make_tiny_whisper
 
-from loratune.audio import load_audio
+from loratune.asr.transcriber import Transcriber, check_audio
 from loratune.cli import main as cli
 from loratune.config import load_config
 from loratune.console import quiet_libraries
+from loratune.core.audio import load_audio
 from loratune.errors import ConfigError, DataError
-from loratune.transcribe import Transcriber, check_audio, transcribe_files
+from loratune.transcribe import transcribe_files
 
 torch.set_num_threads(1)
 SR = 16000
@@ -143,7 +144,7 @@ def test_check_audio_limits():
 @pytest.mark.slow
 def test_long_form_two_minutes_of_hsk_with_whisper_base(hsk_dir, tmp_path):
     """~2 minutes of dev clips joined into one file: long-form vs per-clip transcription CER."""
-    from loratune.metrics import score
+    from loratune.core.metrics import score
 
     rows = [r for r in csv.DictReader(open(hsk_dir / "metadata.csv", encoding="utf-8-sig")) if r["split"] == "dev"]
     gap = np.zeros(int(0.4 * SR), np.float32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import make_tiny_whisper
 
-from loratune.models.whisper_trim import (
+from loratune.asr.trim import (
     batch_num_frames,
     enable_encoder_trimming,
     is_trimming_enabled,
@@ -28,7 +28,7 @@ def tiny_dir(tmp_path_factory):
 def load(tiny_dir, **kwargs):
     from transformers import WhisperForConditionalGeneration
 
-    from loratune.models.adapters import keep_4bit_layout
+    from loratune.core.adapters import keep_4bit_layout
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_dir, **kwargs)
     if "quantization_config" in kwargs:

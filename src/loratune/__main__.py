@@ -1,4 +1,4 @@
 """``python -m loratune`` = the ``loratune`` command."""
-from .cli import main
+from loratune.cli import main
 
 raise SystemExit(main())

@@ -16,8 +16,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .console import quiet_libraries, verbose_requested
-from .errors import LoratuneError
+from loratune.console import quiet_libraries, verbose_requested
+from loratune.errors import LoratuneError
 
 # verb -> (module, one-line description)
 VERBS = {
@@ -68,7 +68,7 @@ class Invocation:
                 self.paths.append(tok)
 
     def config(self):
-        from .config import load_config
+        from loratune.config import load_config
 
         return load_config(self.recipe, self.overrides)
 
@@ -78,12 +78,12 @@ def _print_help(verb: Optional[str]) -> None:
         width = max(map(len, VERBS))
         print(USAGE.format(verbs="\n".join(f"  {v:<{width}}  {d}" for v, (_, d) in VERBS.items())))
         return
-    from .config import options_help
+    from loratune.config import options_help, plain_text
 
     module = importlib.import_module(VERBS[verb][0])
-    print((module.__doc__ or "").strip())
-    print("\noptions (key=value; YAML recipe keys are the same):")
-    print("\n".join(options_help()))
+    print(plain_text((module.__doc__ or "").strip()))
+    print("\noptions (key=value; YAML recipe keys are the same; every other section is accepted too):")
+    print("\n".join(options_help(sections=getattr(module, "SECTIONS", None))))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import ast
 import inspect
 import os
-import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from .config_sections import (  # noqa: F401  (re-exported: the sections are part of this API)
+from loratune.config_sections import (  # noqa: F401  (re-exported: the sections are part of this API)
     ConvertSection,
     DataSection,
     EvalSection,
@@ -35,7 +34,7 @@ from .config_sections import (  # noqa: F401  (re-exported: the sections are par
     TranscribeSection,
     WhisperSection,
 )
-from .errors import ConfigError
+from loratune.errors import ConfigError
 
 
 @dataclass
@@ -156,14 +155,9 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, directory: str | os.PathLike, name: str = "loratune_config.yaml") -> Path:
     """Write the resolved config next to an output, atomically (temp file + rename)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(to_yaml(cfg))
-    os.replace(tmp, target)
-    return target
+    from loratune.core.atomic import write_text
+
+    return write_text(Path(directory) / name, to_yaml(cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,18 +179,33 @@ def field_docs(cls: type) -> Dict[str, str]:
     return docs
 
 
-def options_help(cls: type = RunConfig, prefix: str = "") -> List[str]:
-    """One line per option: ``key (type, default): help`` — printed by ``--help``."""
+def plain_text(text: str) -> str:
+    """Docstring reST for a terminal: ``x`` and :mod:`x` become `x`."""
+    import re
+
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"`\1`", text)
+    return text.replace("``", "`")
+
+
+def options_help(cls: type = RunConfig, prefix: str = "", sections: Optional[Sequence[str]] = None) -> List[str]:
+    """One line per option: ``key (type, default; one of ...): help`` — printed by ``--help``.
+
+    ``sections``: the top-level fields a verb reads (its module's ``SECTIONS``); None = all."""
     lines: List[str] = []
     docs = field_docs(cls)
     defaults = cls()
     for f in fields(cls):
+        if sections is not None and not prefix and f.name not in sections:
+            continue
         value = getattr(defaults, f.name)
         key = f"{prefix}{f.name}"
         if is_dataclass(value):
-            lines.append(f"\n[{key}] {(inspect.getdoc(type(value)) or '').splitlines()[0]}")
+            lines.append(f"\n[{key}] {plain_text((inspect.getdoc(type(value)) or '').splitlines()[0])}")
             lines.extend(options_help(type(value), prefix=key + "."))
         else:
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            lines.append(f"  {key} ({type_name}, default {value!r}): {docs.get(f.name, '')}")
+            shown = "null" if value is None else repr(value)
+            choices = _CHOICES.get(key)
+            allowed = f"; one of: {', '.join('null' if c is None else str(c) for c in choices)}" if choices else ""
+            lines.append(f"  {key} ({type_name}, default {shown}{allowed}): {plain_text(docs.get(f.name, ''))}")
     return lines

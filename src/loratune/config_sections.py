@@ -23,11 +23,11 @@ class ModelSection:
     """A trained LoRA adapter directory to apply (evaluate / transcribe / generate / merge / serve)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: ``sdpa`` (PyTorch fused), ``eager``, ``flash_attention_2`` or
-    ``flex_attention`` (GPU; skips the masked-out blocks of packed long sequences: Phi-3 2x2048
-    packed 19.5k -> 23.0-23.7k tok/s on an H100)."""
+    ``flex_attention`` (GPU; skips the masked-out blocks of packed long sequences; measured in
+    benchmarks/RESULTS.md)."""
     sdpa_backend: Optional[str] = None
-    """With ``sdpa`` on a CUDA GPU, force one fused kernel: ``cudnn`` (Hopper: +8% Whisper-turbo
-    training), ``flash`` or ``efficient``; null = PyTorch's choice. Ignored without CUDA."""
+    """With ``sdpa`` on a CUDA GPU, force one fused kernel: ``cudnn`` (fastest for Whisper on
+    Hopper), ``flash`` or ``efficient``; null = PyTorch's choice. Ignored without CUDA."""
     trust_remote_code: bool = False
     """Allow model code from the Hub repository (off: safer, and not needed for the shipped recipes)."""
 
@@ -136,7 +136,7 @@ class WhisperSection:
     """Transcription on a GPU: static KV cache, so transformers compiles the decoder step (CUDA
     graphs); pays with large batches of 30-s clips, not with varying short-clip lengths."""
     compile_encoder: bool = False
-    """Transcription on a GPU: ``torch.compile`` the encoder (30-s clips: +35%; one compilation per
+    """Transcription on a GPU: ``torch.compile`` the encoder (one compilation per
     distinct input length, so leave it off with ``trim_audio``)."""
     generation_max_length: int = 128
     """Most tokens generated per clip during evaluation."""
@@ -228,8 +228,7 @@ class TrainSection:
     nan_inf_filter: bool = False
     """Trainer's ``logging_nan_inf_filter``: log the running mean in place of a NaN/inf step loss.
     Off: the filter reads every step's loss on the CPU, a GPU sync that stops the next step from
-    being queued while this one runs (turbo through the Trainer on an H100: 52.9 -> 64.3
-    samples/s); a NaN step then shows as NaN in the logged loss instead of being hidden."""
+    being queued while this one runs; a NaN step then shows as NaN in the logged loss instead of being hidden."""
     group_by_length: bool = False
     """Batch examples of similar length together (pays off with ``whisper.trim_audio``)."""
     torch_compile: bool = False
@@ -245,17 +244,17 @@ class TrainSection:
     dequantize_base: bool = False
     """Speed over memory: replace the 4-/8-bit frozen linears by bf16 copies of the same quantised
     values after attaching LoRA (4-bit: same function; 8-bit: weight-only int8). Costs 2 bytes per
-    frozen weight; 3.5-7x faster Whisper steps on an H100."""
+    frozen weight, saves the per-matmul dequantisation."""
     checkpoint_fraction: float = 1.0
     """With ``gradient_checkpointing``: recompute only this fraction of the layers (the rest keep
-    their activations), trading memory for up to ~25% speed."""
+    their activations), trading memory for speed."""
     compile_layers: bool = False
-    """Regional ``torch.compile``: compile each transformer layer once (fuses element-wise work;
-    +40% Whisper-turbo training speed on an H100 after ~30 s of compilation). GPU only."""
+    """Regional ``torch.compile``: compile each transformer layer once (fuses element-wise work,
+    after some seconds of compilation). GPU only."""
     cuda_graphs: bool = False
     """With ``compile_layers``: training steps replay each Whisper encoder layer's kernels as a CUDA
     graph (``torch.compile`` mode ``reduce-overhead``), so the GPU no longer waits on Python
-    launching ~1,500 kernels a step (turbo on an H100: 55.9 -> 63.1 samples/s). 30-s padded clips
+    launching each kernel of a step. 30-s padded clips
     only (one input shape); checkpointed layers, evaluation and generation keep the plain compiled
     path. GPU only."""
     liger_kernel: bool = False

@@ -15,13 +15,17 @@ import logging
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from loratune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
+# the config sections this verb reads: `loratune convert --help` lists only these
+SECTIONS = ("convert",)
+
+
 def main(inv) -> int:
-    from .weights.convert import convert_ct2_whisper
+    from loratune.asr.ct2_convert import convert_ct2_whisper
 
     cfg = inv.config()
     if not inv.paths:

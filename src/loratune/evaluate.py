@@ -6,12 +6,15 @@ Writes ``metrics.json`` and a per-example CSV sorted worst first.
 """
 from __future__ import annotations
 
+# the config sections this verb reads: `loratune evaluate --help` lists only these
+SECTIONS = ("task", "model", "quant", "data", "whisper", "sft", "eval", "generate")
+
 
 def main(inv) -> int:
     cfg = inv.config()
     if cfg.task == "asr":
-        from .evaluate_asr import evaluate
+        from loratune.asr.evaluate import evaluate
     else:
-        from .evaluate_text import evaluate
+        from loratune.llm.evaluate import evaluate
     evaluate(cfg)
     return 0

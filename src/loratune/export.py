@@ -18,22 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import ModelError
+from loratune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 
-def _merged_copy(base: str, adapter: str, dest: Path) -> Path:
-    """Save base + adapter merged (float32) to dest, with the base's processor files."""
-    import torch
-    from peft import PeftModel
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+# the config sections this verb reads: `loratune export --help` lists only these
+SECTIONS = ("model", "quant", "export")
 
-    model = WhisperForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter}: no adapter_config.json; pass the adapter folder written by loratune train")
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.save_pretrained(dest)
+
+def _merged_copy(base: str, adapter: str, dest: Path) -> Path:
+    """Save base + adapter merged (float32) to dest, with the base's processor files; the adapter
+    goes through the same checks as every other verb (safetensors only, shapes match the base)."""
+    import torch
+    from transformers import WhisperProcessor
+
+    from loratune.core.loading import apply_adapter, check_adapter, load_base
+
+    check_adapter(adapter)  # before the base loads
+    model = apply_adapter(load_base(base, "asr", dtype=torch.float32, device=torch.device("cpu")), adapter, base)
+    model.merge_and_unload().save_pretrained(dest)
     WhisperProcessor.from_pretrained(base).save_pretrained(dest)
     return dest
 
@@ -53,7 +57,7 @@ def export_ctranslate2(model_dir: str | Path, output_dir: str | Path, quantizati
 
     from ctranslate2.converters import TransformersConverter
 
-    from .weights.convert import atomic_dir
+    from loratune.core.atomic import atomic_dir
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -75,11 +79,11 @@ def export_ctranslate2(model_dir: str | Path, output_dir: str | Path, quantizati
                 item.rename(tmp / item.name)
             out.rmdir()
 
-    return atomic_dir(Path(output_dir), build, overwrite=overwrite)
+    return atomic_dir(Path(output_dir), build, overwrite=overwrite, overwrite_key="export.overwrite")
 
 
 def main(inv) -> int:
-    from .weights.resolve import resolve_model
+    from loratune.core.names import resolve_model
 
     cfg = inv.config()
     exp = cfg.export

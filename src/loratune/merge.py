@@ -17,24 +17,26 @@ folder and renamed into place, so an interrupted merge leaves nothing half-writt
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .errors import ConfigError, ModelError
+from loratune.core.atomic import atomic_dir, write_json
+from loratune.core.names import public_id, resolve_model
+from loratune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
 
+# the config sections this verb reads: `loratune merge --help` lists only these
+SECTIONS = ("task", "model", "quant", "merge")
+
+
 def _kind(cfg, adapter_dir: str) -> str:
-    from .models.inference import adapter_task_type
+    from loratune.core.loading import adapter_task_type
 
     task_type = (adapter_task_type(adapter_dir) or "").upper()
     if task_type == "CAUSAL_LM":
@@ -44,8 +46,6 @@ def _kind(cfg, adapter_dir: str) -> str:
     try:  # loratune trains Whisper adapters without a task_type: ask the base's config
         from transformers import AutoConfig
 
-        from .weights.resolve import resolve_model
-
         if AutoConfig.from_pretrained(resolve_model(cfg.model.name)).model_type == "whisper":
             return "asr"
     except Exception:  # noqa: BLE001 - unreadable config: the loader reports it properly
@@ -54,15 +54,15 @@ def _kind(cfg, adapter_dir: str) -> str:
 
 
 def _save_tokenizer_side(cfg, adapter_dir: str, kind: str, out: Path) -> None:
-    from .models.inference import load_processor
+    from loratune.core.loading import load_processor
 
     load_processor(cfg.model.name, adapter_dir, kind).save_pretrained(str(out))
 
 
 def merge(cfg, output_dir: Optional[str] = None) -> Path:
     """Merge ``cfg.model.adapter`` into ``cfg.model.name``; returns the output directory."""
-    from .models.adapters import DTYPES
-    from .models.inference import adapter_base_name, apply_adapter, check_adapter, load_base
+    from loratune.core.adapters import DTYPES
+    from loratune.core.loading import adapter_base_name, apply_adapter, check_adapter, load_base
 
     adapter = cfg.model.adapter
     if not adapter:
@@ -83,27 +83,22 @@ def merge(cfg, output_dir: Optional[str] = None) -> Path:
     for holder in (merged.config,):
         if getattr(holder, "quantization_config", None) is not None:
             del holder.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    info = {
+        "base": public_id(cfg.model.name),
+        "adapter": str(adapter),
+        "adapter_trained_on": adapter_base_name(adapter),
+        "kind": kind,
+        "dtype": cfg.merge.dtype,
+        "trained_quant_bits": cfg.quant.bits,
+    }
+
+    def build(tmp: Path) -> None:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         _save_tokenizer_side(cfg, adapter, kind, tmp)
-        info = {
-            "base": cfg.model.name,
-            "adapter": str(adapter),
-            "adapter_trained_on": adapter_base_name(adapter),
-            "kind": kind,
-            "dtype": cfg.merge.dtype,
-            "trained_quant_bits": cfg.quant.bits,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        (tmp / "loratune_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        info["seconds"] = round(time.perf_counter() - start, 2)
+        write_json(tmp / "loratune_merge.json", info)
+
+    atomic_dir(out, build, overwrite=True)  # only an earlier merge output gets this far (checked above)
     log.info("merged %s into %s -> %s (%s, %.1f s)", adapter, cfg.model.name, out, cfg.merge.dtype, info["seconds"])
     return out
 

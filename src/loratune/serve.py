@@ -27,9 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import DataError
+from loratune.errors import DataError
 
 log = logging.getLogger(__name__)
+
+# the config sections this verb reads: `loratune serve --help` lists only these
+SECTIONS = ("model", "quant", "whisper", "transcribe", "serve")
+
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>loratune transcribe</title>
@@ -144,8 +148,8 @@ STATUS = {"empty": 400, "too_long": 413, "silent": 422}
 
 def decode_upload(data: bytes, filename: str, max_seconds: float, min_rms: float):
     """Bytes of an uploaded file -> checked 16-kHz audio; UploadError (status + message) otherwise."""
-    from .audio import load_audio
-    from .transcribe import audio_problem
+    from loratune.asr.transcriber import audio_problem
+    from loratune.core.audio import load_audio
 
     name = filename or "upload"
     suffix = Path(name).suffix[:10] or ".bin"
@@ -232,7 +236,7 @@ def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float =
 def main(inv) -> int:
     import uvicorn
 
-    from .transcribe import Transcriber
+    from loratune.asr.transcriber import Transcriber
 
     cfg = inv.config()
     transcriber = Transcriber.from_config(cfg)

@@ -1,7 +1,7 @@
 """``loratune train RECIPE.yaml [key=value ...] [--resume] [--gpus N]``: fine-tune an adapter.
 
 Dispatches on ``task``: ``asr`` -> Whisper with transformers' Seq2SeqTrainer
-(:mod:`loratune.train_asr`), ``sft`` -> causal LM with TRL's SFTTrainer (:mod:`loratune.train_sft`).
+(:mod:`loratune.asr.train`), ``sft`` -> causal LM with TRL's SFTTrainer (:mod:`loratune.llm.train`).
 Examples::
 
     loratune train configs/whisper-base-hsk-qlora.yaml
@@ -10,16 +10,19 @@ Examples::
 """
 from __future__ import annotations
 
+# the config sections this verb reads: `loratune train --help` lists only these
+SECTIONS = ("task", "model", "quant", "lora", "data", "whisper", "sft", "train")
+
 
 def main(inv) -> int:
     cfg = inv.config()
     if inv.flags.get("gpus", 1) > 1:
-        from .launch import relaunch
+        from loratune.core.launch import relaunch
 
         return relaunch(inv)
     if cfg.task == "asr":
-        from .train_asr import train
+        from loratune.asr.train import train
     else:
-        from .train_sft import train
+        from loratune.llm.train import train
     train(cfg)
     return 0

@@ -28,7 +28,7 @@ from typing import Dict
 
 import numpy as np
 
-from ..errors import ModelError
+from loratune.errors import ModelError
 
 MAX_BINARY_VERSION = 6
 # index = dtype id (ctranslate2 include/ctranslate2/types.h); bfloat16 is read as raw uint16.

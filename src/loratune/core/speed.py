@@ -1,6 +1,6 @@
 """Speed levers that are not a single transformers/PEFT switch (see README.md (Performance)).
 
-    from loratune.models.speed import apply_training_speed, apply_generation_speed
+    from loratune.core.speed import apply_training_speed, apply_generation_speed
     model = attach_lora(model, cfg, task_type=...)
     check_device_support(cfg)              # before any long work: bf16 / flex attention need the right device
     apply_training_speed(model, cfg)       # train.dequantize_base / frozen_dtype / checkpoint_fraction /
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .adapters import peft_base
+from loratune.core.adapters import peft_base
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
 
-    from .adapters import keep_4bit_layout
+    from loratune.core.adapters import keep_4bit_layout
 
     keep_4bit_layout(model)  # a weight repacked for bitsandbytes' CPU kernel would dequantise scrambled
     n = 0
@@ -241,7 +241,7 @@ def set_sdpa_backend(name: Optional[str]) -> bool:
 
 def check_device_support(cfg) -> None:
     """Refuse, in one line and before data loading or training, settings this machine cannot run."""
-    from ..errors import ConfigError
+    from loratune.errors import ConfigError
 
     cuda = torch.cuda.is_available()
     wants_bf16 = cfg.train.bf16 or (cfg.quant.bits and cfg.quant.compute_dtype == "bfloat16")
@@ -252,6 +252,12 @@ def check_device_support(cfg) -> None:
         )
     if cfg.model.attn_implementation == "flex_attention" and not cuda:
         raise ConfigError("model.attn_implementation=flex_attention trains only on a CUDA GPU; use sdpa here")
+    if cfg.train.liger_kernel:
+        import importlib.util
+
+        if not cuda or importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("train.liger_kernel=true needs a CUDA GPU and `pip install 'loratune[gpu-speed]'` "
+                              "(liger-kernel); set it false here")
 
 
 def apply_training_speed(model: nn.Module, cfg) -> dict:
@@ -264,7 +270,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
     CPU.
     See README.md (Performance) for the measured gains.
     """
-    from .adapters import DTYPES  # train.frozen_dtype's values are checked when the config loads
+    from loratune.core.adapters import DTYPES  # train.frozen_dtype's values are checked when the config loads
 
     t = cfg.train
     cuda = torch.cuda.is_available()

@@ -1,11 +1,11 @@
 """Whisper loading for training and inference: name -> (quantised) model + processor + LoRA.
 
-    from loratune.models.whisper import load_whisper, attach_whisper_lora
+    from loratune.asr.model import load_whisper, attach_whisper_lora
     model, processor, path = load_whisper(cfg)          # cfg.model.name: Hub id, local dir or alias
     model = attach_whisper_lora(model, cfg)             # PEFT LoRA adapter (+ short-clip mode)
 
-``path`` is what the name resolved to (an alias becomes its local directory), so an adapter saved
-from this model records a ``base_model_name_or_path`` that ``from_pretrained`` can load again.
+``path`` is what the name resolved to (an alias becomes its local directory); adapters record the
+model's public id instead (``core.names.public_id``), which loratune maps back offline.
 """
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import logging
 
 import torch
 
-from ..errors import ModelError
-from .adapters import DTYPES, attach_lora, bnb_config, device_map_for_rank, keep_4bit_layout
+from loratune.core.adapters import DTYPES, attach_lora, bnb_config, device_map_for_rank, keep_4bit_layout
+from loratune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 
 def resolve_name(name: str) -> str:
-    from ..weights.resolve import resolve_model
+    from loratune.core.names import resolve_model
 
     return str(resolve_model(name))
 
@@ -104,13 +104,10 @@ def attach_whisper_lora(model, cfg):
     """
     model = attach_lora(model, cfg, task_type=None)
     if cfg.whisper.trim_audio:
-        from .whisper_trim import enable_encoder_trimming  # written alongside; imported only when used
+        from loratune.asr.trim import enable_encoder_trimming  # written alongside; imported only when used
 
         enable_encoder_trimming(model)
-    from .speed import apply_training_speed  # train.dequantize_base / frozen_dtype / compile_layers ...
-
-    apply_training_speed(model, cfg)
-    return model
+    return model  # the train.* speed switches are applied by core.training for both wings
 
 
 def max_label_tokens(path: str) -> int:

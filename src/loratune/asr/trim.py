@@ -12,7 +12,7 @@ encoder sees them; the wrapper encodes the trimmed input itself and hands ``enco
 Usage (training with a collator that pads each batch to its longest clip, see
 ``trimmed_num_frames``)::
 
-    from loratune.models.whisper_trim import enable_encoder_trimming
+    from loratune.asr.trim import enable_encoder_trimming
     enable_encoder_trimming(model)      # plain, PEFT-wrapped or bitsandbytes-quantised
     model(input_features=feats[..., :T], labels=labels)   # T = batch max, even, <= 3000
     model.generate(input_features=feats[..., :T], language="zh", task="transcribe")
@@ -28,8 +28,8 @@ from typing import Iterable, List
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .adapters import peft_base
+from loratune.core.adapters import peft_base
+from loratune.errors import ModelError
 
 SAMPLING_RATE = 16_000
 HOP_LENGTH = 160  # WhisperFeatureExtractor: 10 ms per log-mel frame

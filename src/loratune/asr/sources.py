@@ -1,9 +1,9 @@
 """Raw ASR tables: read a CSV + audio folder, a Hub dataset or a ``save_to_disk`` folder, then split.
 
-    from loratune.data.asr_sources import load_raw_splits, REF, AUDIO, TEXT
+    from loratune.asr.sources import load_raw_splits, REF, AUDIO, TEXT
     train, ev = load_raw_splits(cfg.data)   # datasets.Dataset with columns __ref, __audio, __text
 
-Used by :mod:`loratune.data.asr` (training features) and by evaluation (same sources and split
+Used by :mod:`loratune.asr.features` (training features) and by evaluation (same sources and split
 rules). ``__audio`` is a file path (CSV) or datasets' undecoded ``{"bytes", "path"}`` (Hub/disk);
 :func:`decode` turns either into 16 kHz mono float32 through PyAV.
 """
@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE, load_audio
-from ..errors import DataError
+from loratune.core.audio import SAMPLE_RATE, load_audio
+from loratune.errors import DataError
 
 REF, AUDIO, TEXT = "__ref", "__audio", "__text"  # normalised raw columns
 
@@ -99,7 +99,7 @@ def _normalise(ds, data, origin: str):
     for col, key in ((data.audio_column, "data.audio_column"), (data.text_column, "data.text_column")):
         if col not in ds.column_names:
             raise DataError(f"{origin}: no column {col!r} (columns: {', '.join(ds.column_names)}); set {key}=<name> or data.rename")
-    # Decoding goes through PyAV (loratune.audio) at 16 kHz, so the cast only records the rate
+    # Decoding goes through PyAV (loratune.core.audio) at 16 kHz, so the cast only records the rate
     # and keeps the encoded bytes; it avoids the datasets audio back-end dependency.
     ds = ds.cast_column(data.audio_column, Audio(sampling_rate=SAMPLE_RATE, decode=False))
     keep = [data.audio_column, data.text_column] + ([data.split_column] if data.split_column in ds.column_names else [])

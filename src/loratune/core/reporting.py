@@ -1,16 +1,14 @@
-"""End-of-training artefacts: loss-per-epoch curves + PNG, ``summary.json`` and the printed summary.
+"""End-of-training artefacts: loss curves (per epoch in summary.json, per step in loss.png), the
+steady-speed timer, memory peaks and the printed summary (both wings, through core.training).
 
-    from loratune.reporting import epoch_losses, plot_losses, write_json, peak_memory_gb
+    from loratune.core.reporting import epoch_losses, plot_losses
     curves = epoch_losses(trainer.state.log_history)    # {"epoch": [...], "train": [...], "valid": [...]}
-    plot_losses(curves, out / "loss.png")
+    plot_losses(trainer.state.log_history, out / "loss.png")
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import resource
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -36,43 +34,31 @@ def epoch_losses(log_history: List[Dict[str, Any]]) -> Dict[str, List[float]]:
     }
 
 
-def _atomic_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    return tmp
-
-
-def plot_losses(curves: Dict[str, List[float]], path: Path, title: str = "loss per epoch") -> Path:
+def plot_losses(log_history: List[Dict[str, Any]], path: Path, title: str = "loss") -> Path:
+    """Training loss per logged step, with the evaluation points on the same axis (both tasks)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
 
+    from loratune.core.atomic import replacing
+
     path = Path(path)
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name, marker in (("train", "o"), ("valid", "s")):
-        pts = [(e, v) for e, v in zip(curves["epoch"], curves[name]) if v is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=name)
-    ax.set_xlabel("epoch")
+    if train:
+        ax.plot(*zip(*train), label="train loss (per logged step)")
+    if evals:
+        ax.plot(*zip(*evals), "s-", label="validation loss")
+    ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = _atomic_target(path)
-    fig.savefig(tmp, format="png", bbox_inches="tight")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    path = Path(path)
-    tmp = _atomic_target(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
     return path
 
 

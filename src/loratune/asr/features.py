@@ -1,11 +1,11 @@
 """ASR training data: load, split, validate, extract log-mel features once, cache them on disk.
 
-    from loratune.data.asr import prepare_asr_data
+    from loratune.asr.features import prepare_asr_data
     data = prepare_asr_data(cfg, processor, max_label_tokens=448)
     data.train, data.eval      # datasets.Dataset: input_features (frames, mels), labels, input_length
     data.report                # rows read / skipped per reason / cache hit
 
-Sources (``cfg.data``, read by :mod:`loratune.data.asr_sources`): a CSV + audio folder (``csv``, ``audio_dir``, ``id_column``, ``text_column``),
+Sources (``cfg.data``, read by :mod:`loratune.asr.sources`): a CSV + audio folder (``csv``, ``audio_dir``, ``id_column``, ``text_column``),
 a Hub dataset (``hub``, ``hub_config``; ``train+validation`` joins splits; audio cast to 16 kHz) or a
 ``save_to_disk`` directory (``disk``). Rows are split by ``split_column`` when the table has it,
 else by ``eval_ratio`` with ``seed``. Every row is checked before training (missing/corrupt audio,
@@ -31,9 +31,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
-from ..errors import DataError
-from .asr_sources import AUDIO, REF, TEXT, _decode, _where, decode, load_raw_splits, read_csv_table  # noqa: F401 (re-exported)
+from loratune.asr.sources import AUDIO, REF, TEXT, _decode, _where, decode, load_raw_splits, read_csv_table  # noqa: F401 (re-exported)
+from loratune.core.audio import SAMPLE_RATE
+from loratune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,9 @@ def cache_key(train, ev, processor, cfg, max_label_tokens: int) -> str:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "loratune" / "features"
+    from loratune.core.names import cache_root
+
+    return cache_root() / "features"
 
 
 def set_prefix_tokens(tokenizer, whisper_cfg) -> None:

@@ -4,13 +4,13 @@
     loratune evaluate configs/whisper-base-hsk-qlora.yaml eval.limit=100 eval.compare_base=false
 
 The test set is the recipe's evaluation split, read by the training data loader
-(:func:`loratune.data.asr.load_raw_splits`: same CSV/Hub/disk sources and split rules; the
+(:func:`loratune.asr.features.load_raw_splits`: same CSV/Hub/disk sources and split rules; the
 training-only ``data.max_eval_samples`` cap is ignored, ``eval.limit`` takes N rows after a shuffle
 seeded by ``eval.shuffle_seed``). With ``model.adapter`` and ``eval.compare_base=true`` the base is
 scored too, by switching the adapter off (``PeftModel.disable_adapter``) on the one loaded model.
 ``whisper.trim_audio`` (short-clip mode) applies to the adapter only: the base is scored on
 Whisper's native 30-s input. Metric: ``whisper.metric`` (``auto`` = CER for zh/ja/ko/th/yue, WER otherwise) on normalised text
-(:func:`loratune.metrics.normalize`). Outputs in ``eval.output_dir`` (default ``<adapter>/eval``
+(:func:`loratune.core.metrics.normalize`). Outputs in ``eval.output_dir`` (default ``<adapter>/eval``
 or ``<train.output_dir>/eval``): ``metrics.json`` and ``predictions_<model>.csv`` (ID, reference,
 hypothesis, normalised forms, edit counts), worst utterance first; a table on screen.
 """
@@ -20,19 +20,18 @@ import contextlib
 import csv
 import dataclasses
 import io
-import json
 import logging
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-from .errors import DataError
-from .metrics import metric_for, score
+from loratune.core.atomic import write_json, write_text
+from loratune.core.metrics import metric_for, score
+from loratune.core.model_card import add_evaluation
+from loratune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def load_test_set(cfg) -> TestSet:
     """Evaluation rows of ``cfg.data`` (limit + seeded shuffle applied), audio decoded at 16 kHz."""
     from tqdm.auto import tqdm
 
-    from .data.asr import AUDIO, REF, TEXT, _decode, load_raw_splits
+    from loratune.asr.features import AUDIO, REF, TEXT, _decode, load_raw_splits
 
     data = dataclasses.replace(cfg.data, max_eval_samples=None, max_train_samples=None)
     _, ev = load_raw_splits(data)
@@ -86,14 +85,6 @@ def transcribe_all(transcriber, audios: List[np.ndarray], batch_size: int, max_n
     return texts
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_predictions(path: Path, ids: List[str], items) -> None:
     """Per-utterance CSV, worst first (highest error rate, then most errors)."""
     rows = [{"ID": i, **s.row()} for i, s in zip(ids, items)]
@@ -102,7 +93,7 @@ def write_predictions(path: Path, ids: List[str], items) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def default_output_dir(cfg) -> Path:
@@ -126,8 +117,8 @@ def evaluate(cfg) -> Dict:
     """Score the configured model(s); writes metrics.json + predictions CSVs; returns the metrics."""
     import torch
 
-    from .models.inference import check_adapter, check_language, load_asr
-    from .transcribe import Transcriber
+    from loratune.asr.transcriber import Transcriber
+    from loratune.core.loading import check_adapter, check_language, load_asr
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -167,7 +158,7 @@ def evaluate(cfg) -> Dict:
     report = {
         "metric": metric,
         "language": language,
-        "normalisation": "loratune.metrics.normalize (NFKC, zh-cn, lower case, punctuation/symbols/space removed; Whisper EnglishTextNormalizer for en)",
+        "normalisation": "loratune.core.metrics.normalize (NFKC, zh-cn, lower case, punctuation/symbols/space removed; Whisper EnglishTextNormalizer for en)",
         "test_set": test.source,
         "limit": cfg.eval.limit,
         "shuffle_seed": cfg.eval.shuffle_seed,
@@ -176,7 +167,11 @@ def evaluate(cfg) -> Dict:
         "quant_bits": cfg.quant.bits,
         "results": results,
     }
-    _write_atomic(out_dir / "metrics.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", report)
+    if cfg.model.adapter:  # the adapter's model card gets the scores (before/after when compared)
+        rows = [f"| {metric.upper()} on `{test.source}` ({len(test.ids)} clips) | "
+                + ", ".join(f"{n}: {r[metric]:.4f}" for n, r in results.items()) + " |"]
+        add_evaluation(cfg.model.adapter, ["| evaluation | result |", "|---|---|", *rows])
     # a few of the worst utterances of the last model, with every model's hypothesis
     last = runs[-1][0]
     worst = sorted(range(len(test.ids)), key=lambda i: -details[last][i].counts.rate)[:3]

@@ -8,7 +8,7 @@ chat template (``sft.template=chat``) or the instruction template below, tokenis
 ``labels`` with the prompt masked (-100) when ``sft.completion_only_loss`` is on; TRL's SFTTrainer
 then only pads, and packs when ``sft.packing`` is set. Every problem is reported before training::
 
-    from loratune.data.sft import build_sft_datasets
+    from loratune.llm.data import build_sft_datasets
     train_ds, eval_ds, report = build_sft_datasets(cfg, tokenizer)
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import DataSection, RunConfig, SFTSection
-from ..errors import ConfigError, DataError
+from loratune.config import DataSection, RunConfig, SFTSection
+from loratune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,17 @@ the adapter switched off for the base pass (``eval.compare_base``). Scores with 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import List
 
-from .config import RunConfig
+from loratune.config import RunConfig
+from loratune.core.atomic import write_json, write_text
+from loratune.core.model_card import add_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def score(hypotheses: List[str], references: List[str]) -> dict:
 
 
 def _generate_all(model, tokenizer, prompts, cfg: RunConfig, template: str) -> List[str]:
-    from .generate import generate_batch
+    from loratune.llm.generation import generate_batch
 
     answers: List[str] = []
     bs = cfg.eval.batch_size
@@ -47,12 +48,11 @@ def _generate_all(model, tokenizer, prompts, cfg: RunConfig, template: str) -> L
 
 
 def _write_csv(path: Path, rows: List[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def evaluate(cfg: RunConfig) -> dict:
@@ -60,8 +60,8 @@ def evaluate(cfg: RunConfig) -> dict:
     import sacrebleu
     import torch
 
-    from .data.sft import eval_pairs, resolve_template
-    from .models.causal import load_causal_lm, load_tokenizer
+    from loratune.llm.data import eval_pairs, resolve_template
+    from loratune.llm.model import load_causal_lm, load_tokenizer
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -104,10 +104,11 @@ def evaluate(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if rows:
         _write_csv(out / "examples.csv", rows)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".metrics.json.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(metrics, fh, indent=2, ensure_ascii=False)
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
+    if cfg.model.adapter:  # the adapter's model card gets the scores (before/after when compared)
+        add_evaluation(cfg.model.adapter, ["| evaluation | chrF | BLEU |", "|---|---|---|"] + [
+            f"| {name} on {metrics['split']} ({len(refs)} examples) | {metrics[name]['chrf']:.2f} | {metrics[name]['bleu']:.2f} |"
+            for name in runs])
     log.info("wrote %s and %s", out / "metrics.json", out / "examples.csv")
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return metrics

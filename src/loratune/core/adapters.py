@@ -12,8 +12,8 @@ from typing import List, Optional
 
 import torch
 
-from ..config import LoraSection, QuantSection, RunConfig
-from ..errors import ConfigError
+from loratune.config import LoraSection, QuantSection, RunConfig
+from loratune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

