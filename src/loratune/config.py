@@ -101,6 +101,7 @@ _CHOICES = {
     "quant.quant_type": ("nf4", "fp4"),
     "quant.compute_dtype": ("float16", "bfloat16", "float32"),
     "lora.bias": ("none", "all", "lora_only"),
+    "lora.init": ("default", "gaussian", "pissa", "olora"),
     "whisper.task": ("transcribe", "translate"),
     "whisper.metric": ("auto", "cer", "wer"),
     "sft.template": ("auto", "chat", "instruction"),

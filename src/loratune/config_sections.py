@@ -62,6 +62,14 @@ class LoraSection:
     """Module name suffixes to adapt; a name that matches nothing is an error listing the real ones."""
     bias: str = "none"
     """Which biases train: ``none``, ``all`` or ``lora_only``."""
+    use_dora: bool = False
+    """DoRA (PEFT ``use_dora``): learn each adapted weight's magnitude and direction separately."""
+    use_rslora: bool = False
+    """rsLoRA (PEFT ``use_rslora``): scale the update by alpha / sqrt(r) instead of alpha / r, so
+    higher ranks keep learning."""
+    init: str = "default"
+    """LoRA initialisation (PEFT ``init_lora_weights``): ``default`` (B = 0), ``gaussian``, ``pissa``
+    or ``olora`` (start from the base weight's principal directions; unquantised bases only)."""
 
 
 @dataclass
@@ -138,6 +146,13 @@ class WhisperSection:
     compile_encoder: bool = False
     """Transcription on a GPU: ``torch.compile`` the encoder (one compilation per
     distinct input length, so leave it off with ``trim_audio``)."""
+    spec_augment: bool = False
+    """Training only: SpecAugment on the log-mels (transformers' Whisper ``apply_spec_augment``):
+    random time and frequency bands masked each step, so the model cannot memorise clips."""
+    mask_time_prob: float = 0.05
+    """SpecAugment: share of frames that start a masked time band (10 frames long)."""
+    mask_feature_prob: float = 0.0
+    """SpecAugment: share of mel bins that start a masked frequency band (10 bins wide)."""
     generation_max_length: int = 128
     """Most tokens generated per clip during evaluation."""
     num_beams: int = 1
@@ -195,6 +210,8 @@ class TrainSection:
     """Warm-up length as a fraction of one epoch (the turbo tutorial uses 0.2)."""
     warmup_steps: int = 0
     """Warm-up length in steps (used when ``warmup_epochs`` is 0)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy (0 = none; 0.1 is the usual value)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     fp16: bool = False

@@ -88,6 +88,11 @@ def load_whisper(cfg, for_training: bool = True):
     if quant is not None:
         keep_4bit_layout(model)  # bitsandbytes' CPU inference repacking breaks later training steps
     configure_generation(model, cfg.whisper)
+    if for_training and cfg.whisper.spec_augment:
+        # transformers masks the input features in forward() while the model is in training mode
+        model.config.apply_spec_augment = True
+        model.config.mask_time_prob = cfg.whisper.mask_time_prob
+        model.config.mask_feature_prob = cfg.whisper.mask_feature_prob
     if for_training:
         model.config.use_cache = False  # the KV cache is useless (and warns) in teacher-forced training
     log.info("loaded %s (%s, quantisation %s)", path, kwargs["dtype"], f"{cfg.quant.bits}-bit" if cfg.quant.bits else "none")

@@ -11,6 +11,7 @@ the Whisper collator and the token-mean loss.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Dict
 
@@ -28,7 +29,7 @@ def compute_metrics_for(cfg, processor):
     return build_compute_metrics(processor, cfg.whisper.metric, cfg.whisper.language)
 
 
-def token_mean_loss(outputs, labels, num_items_in_batch=None):
+def token_mean_loss(outputs, labels, num_items_in_batch=None, label_smoothing: float = 0.0):
     """Cross-entropy summed over label tokens / label tokens of the whole optimiser step.
 
     The Trainer counts ``num_items_in_batch`` over every accumulated micro-batch and every rank, so
@@ -41,7 +42,7 @@ def token_mean_loss(outputs, labels, num_items_in_batch=None):
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     labels = labels.to(logits.device)
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                            ignore_index=-100, reduction="sum")
+                            ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
     count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
     return total / count
 
@@ -113,7 +114,7 @@ def _make_trainer(cfg, model, data: Prepared, callbacks):
         data_collator=WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id, frames_major=True,
                                       pad_token_id=model.config.pad_token_id,
                                       label_multiple=8 if cfg.train.compile_layers else 1),
-        compute_loss_func=token_mean_loss,
+        compute_loss_func=functools.partial(token_mean_loss, label_smoothing=cfg.train.label_smoothing),
         processing_class=data.processor.feature_extractor,
         compute_metrics=compute_metrics_for(cfg, data.processor),
         callbacks=callbacks,

@@ -129,6 +129,9 @@ def attach_lora(model: torch.nn.Module, cfg: RunConfig, task_type: str, gradient
         target_modules=targets,
         bias=lora.bias,
         task_type=task_type,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=True if lora.init == "default" else lora.init,
     )
     model = get_peft_model(model, peft_cfg)
     trainable, total = trainable_parameters(model)

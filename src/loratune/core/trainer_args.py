@@ -64,7 +64,8 @@ def common_training_kwargs(t, n_train: int, eval_strategy: str) -> Dict[str, Any
         logging_nan_inf_filter=t.nan_inf_filter,
         accelerator_config={"non_blocking": bool(cuda)},
         torch_compile=t.torch_compile,
-        use_liger_kernel=t.liger_kernel,  # transformers patches the model with Liger's kernels
+        use_liger_kernel=t.liger_kernel,
+        label_smoothing_factor=t.label_smoothing,  # SFT; the Whisper wing smooths in token_mean_loss  # transformers patches the model with Liger's kernels
     )
 
 
