@@ -295,6 +295,28 @@ class EvalSection:
     """When an adapter is given, also score the base model in the same run."""
     max_new_tokens: int = 128
     """LLM evaluation: most tokens generated per example."""
+    forgetting: bool = True
+    """Whisper adapters: also transcribe the shipped general set (English sentences, each with its own
+    language) with base and adapter, and report the WER of both (what fine-tuning forgot)."""
+    long_form: bool = False
+    """Whisper adapters: also transcribe 2-minute files joined from the test clips through the
+    long-form path; report its CER next to clip-by-clip and whether timestamps increase."""
+    max_cer: Optional[float] = None
+    """Gate: exit with code 3 when the adapter's CER is above this (null = report only)."""
+    max_wer: Optional[float] = None
+    """Gate: the same for WER."""
+    max_insertion_rate: Optional[float] = None
+    """Gate: inserted units / reference units."""
+    max_loop_rate: Optional[float] = None
+    """Gate: share of outputs with a repetition loop the reference lacks."""
+    max_long_rate: Optional[float] = None
+    """Gate: share of outputs over twice the reference length."""
+    max_empty_rate: Optional[float] = None
+    """Gate: share of empty outputs for non-empty references."""
+    max_forgetting_wer_increase: Optional[float] = None
+    """Gate: adapter WER minus base WER on the general set (``eval.forgetting``)."""
+    max_long_form_cer_gap: Optional[float] = None
+    """Gate: long-form CER minus clip-by-clip CER (``eval.long_form``)."""
 
 
 @dataclass

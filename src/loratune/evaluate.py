@@ -6,6 +6,8 @@ Writes ``metrics.json`` and a per-example CSV sorted worst first.
 """
 from __future__ import annotations
 
+import sys
+
 # the config sections this verb reads: `loratune evaluate --help` lists only these
 SECTIONS = ("task", "model", "quant", "data", "whisper", "sft", "eval", "generate")
 
@@ -16,5 +18,8 @@ def main(inv) -> int:
         from loratune.asr.evaluate import evaluate
     else:
         from loratune.llm.evaluate import evaluate
-    evaluate(cfg)
-    return 0
+    report = evaluate(cfg)
+    failures = (report.get("gate") or {}).get("failures") or []
+    for line in failures:  # the regression gate (eval.max_*): CI can stop on exit code 3
+        print(f"gate: {line}", file=sys.stderr)
+    return 3 if failures else 0

@@ -28,6 +28,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from loratune.asr.gate import THRESHOLDS, check_thresholds, hallucination_signals
 from loratune.core.atomic import write_json, write_text
 from loratune.core.metrics import metric_for, score
 from loratune.core.model_card import add_evaluation
@@ -102,10 +103,71 @@ def default_output_dir(cfg) -> Path:
     return Path(cfg.model.adapter or cfg.train.output_dir) / "eval"
 
 
+def general_set_wer(transcriber, batch_size: int) -> float:
+    """WER on the shipped general set (resources/general: English sentences), each clip in its own
+    language and on Whisper's native 30-s input, so base and adapter see the same thing."""
+    from importlib import resources
+
+    from loratune.core.audio import load_audio
+
+    root = resources.files("loratune").joinpath("resources/general")
+    rows = list(csv.DictReader(io.StringIO(root.joinpath("manifest.csv").read_text("utf-8"))))
+    saved = transcriber.language, transcriber.trim_audio
+    hyps, refs = [], []
+    try:
+        transcriber.trim_audio = False
+        for language in sorted({r["language"] for r in rows}):
+            group = [r for r in rows if r["language"] == language]
+            transcriber.language = language
+            audios = [load_audio(str(root.joinpath(r["file"]))) for r in group]
+            hyps += transcribe_all(transcriber, audios, batch_size, 64, f"general set ({language})")
+            refs += [r["text"] for r in group]
+    finally:
+        transcriber.language, transcriber.trim_audio = saved
+    return round(score(refs, hyps, "wer", "en")[0], 6)
+
+
+def long_form_check(transcriber, test, metric: str, language, clip_rate: float, minutes: float = 2.0) -> Dict:
+    """Join test clips (0.5 s of silence between) into files of about ``minutes``, transcribe them
+    through the long-form path, and compare with clip-by-clip: CER gap and timestamp order."""
+    from loratune.core.audio import SAMPLE_RATE
+
+    gap = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    files, refs, current, text = [], [], [], []
+    for audio, ref in zip(test.audios, test.texts):
+        current += [audio, gap]
+        text.append(ref)
+        if sum(len(a) for a in current) >= minutes * 60 * SAMPLE_RATE:
+            files.append(np.concatenate(current))
+            refs.append("".join(text))
+            current, text = [], []
+            if len(files) == 2:
+                break
+    if not files:  # fewer clips than one file: use what there is if it is long form at all
+        joined = np.concatenate(current) if current else np.zeros(0, np.float32)
+        if len(joined) <= 30 * SAMPLE_RATE:
+            return {"long_form_files": 0}
+        files, refs = [joined], ["".join(text)]
+    saved = transcriber.trim_audio
+    try:
+        transcriber.trim_audio = False
+        outs = [transcriber([f])[0] for f in files]
+    finally:
+        transcriber.trim_audio = saved
+    rate = score(refs, [o.text for o in outs], metric, language)[0]
+    increasing = all(all(a.start <= b.start and a.start <= a.end for a, b in zip(o.segments, o.segments[1:])) and o.segments
+                     for o in outs)
+    return {"long_form_files": len(files), f"long_form_{metric}": round(rate, 6),
+            "long_form_cer_gap": round(rate - clip_rate, 6), "long_form_timestamps_ok": bool(increasing)}
+
+
 def print_table(metric: str, results: Dict[str, Dict], examples: List[Dict]) -> None:
-    print(f"\n{'model':<9} {metric.upper():>7} {'errors':>8} {'units':>7} {'clips':>6} {'seconds':>8} {'clips/s':>8}")
+    print(f"\n{'model':<9} {metric.upper():>7} {'errors':>8} {'units':>7} {'clips':>6} {'seconds':>8} {'clips/s':>8}"
+          f" {'ins':>6} {'loops':>6} {'long':>6} {'empty':>6} {'gen.WER':>8}")
     for name, r in results.items():
-        print(f"{name:<9} {r[metric]:>7.4f} {r['errors']:>8} {r['ref_units']:>7} {r['clips']:>6} {r['seconds']:>8.1f} {r['clips_per_second']:>8.2f}")
+        general = f"{r['general_wer']:>8.4f}" if r.get("general_wer") is not None else f"{'-':>8}"
+        print(f"{name:<9} {r[metric]:>7.4f} {r['errors']:>8} {r['ref_units']:>7} {r['clips']:>6} {r['seconds']:>8.1f} {r['clips_per_second']:>8.2f}"
+              f" {r['insertion_rate']:>6.3f} {r['loop_rate']:>6.3f} {r['long_rate']:>6.3f} {r['empty_rate']:>6.3f} {general}")
     if "base" in results and "adapter" in results and results["base"][metric] > 0:
         drop = 1 - results["adapter"][metric] / results["base"][metric]
         print(f"relative {metric.upper()} change, adapter vs base: {-drop:+.1%}")
@@ -131,29 +193,34 @@ def evaluate(cfg) -> Dict:
     log.info("test set: %d clips from %s", len(test.ids), test.source)
     model, processor = load_asr(cfg)
     transcriber = Transcriber(model, processor, language, cfg.whisper.task, cfg.whisper.num_beams, timestamps=False, trim_audio=cfg.whisper.trim_audio)
-    runs = []
+    runs = []  # (name, context that switches the adapter off or leaves the model as it is)
     if cfg.model.adapter and cfg.eval.compare_base:
-        runs.append(("base", model.disable_adapter()))
-    runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext()))
+        runs.append(("base", model.disable_adapter))
+    runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext))
     results, details = {}, {}
-    for name, ctx in runs:
+    for name, context in runs:
         # The untuned base always sees Whisper's native 30-s padded input: fed trimmed input it
         # falls into repetition loops (measured on whisper-base/HSK), which would inflate "before".
         transcriber.trim_audio = cfg.whisper.trim_audio and name == "adapter"
-        start = time.perf_counter()
-        with ctx:
+        with context():
+            start = time.perf_counter()
             hyps = transcribe_all(transcriber, test.audios, cfg.eval.batch_size, cfg.whisper.generation_max_length, f"generate ({name})")
-        seconds = time.perf_counter() - start
-        rate, items = score(test.texts, hyps, metric, language)
-        details[name] = items
-        results[name] = {
-            metric: round(rate, 6),
-            "errors": sum(s.counts.errors for s in items),
-            "ref_units": sum(s.counts.ref_len for s in items),
-            "clips": len(items),
-            "seconds": round(seconds, 2),
-            "clips_per_second": round(len(items) / max(seconds, 1e-9), 3),
-        }
+            seconds = time.perf_counter() - start
+            rate, items = score(test.texts, hyps, metric, language)
+            details[name] = items
+            results[name] = {
+                metric: round(rate, 6),
+                "errors": sum(s.counts.errors for s in items),
+                "ref_units": sum(s.counts.ref_len for s in items),
+                "clips": len(items),
+                "seconds": round(seconds, 2),
+                "clips_per_second": round(len(items) / max(seconds, 1e-9), 3),
+                **hallucination_signals(items, metric),
+            }
+            if cfg.model.adapter and cfg.eval.forgetting:
+                results[name]["general_wer"] = general_set_wer(transcriber, cfg.eval.batch_size)
+            if cfg.model.adapter and cfg.eval.long_form and name == "adapter":
+                results[name].update(long_form_check(transcriber, test, metric, language, results[name][metric]))
         write_predictions(out_dir / f"predictions_{name}.csv", test.ids, items)
     report = {
         "metric": metric,
@@ -167,6 +234,11 @@ def evaluate(cfg) -> Dict:
         "quant_bits": cfg.quant.bits,
         "results": results,
     }
+    if "general_wer" in results.get("base", {}) and "general_wer" in results.get("adapter", {}):
+        results["adapter"]["forgetting_wer_increase"] = round(results["adapter"]["general_wer"] - results["base"]["general_wer"], 6)
+    failures = check_thresholds(results, cfg.eval, ("adapter",) if cfg.model.adapter else ("base",))
+    report["gate"] = {"thresholds": {f"max_{k}": getattr(cfg.eval, f"max_{k}") for k in THRESHOLDS},
+                      "failures": failures}
     write_json(out_dir / "metrics.json", report)
     if cfg.model.adapter:  # the adapter's model card gets the scores (before/after when compared)
         rows = [f"| {metric.upper()} on `{test.source}` ({len(test.ids)} clips) | "
