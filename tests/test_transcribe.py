@@ -201,3 +201,28 @@ def test_token_budget_and_no_generation_warnings(tiny_transcriber, hsk_dir):
         ref = t.model.generate(input_features=x, language="zh", task="transcribe", max_new_tokens=7)
     assert texts == [s.strip() for s in t.tokenizer.batch_decode(ref, skip_special_tokens=True)]
     assert ref.shape[-1] <= 4 + 7
+
+
+def test_duration_budget_and_no_repeat_ngram(tiny_transcriber):
+    """whisper.max_tokens_per_second caps a clip's tokens by its duration; no_repeat_ngram_size
+    reaches the generation config (the tiny random model repeats itself without it)."""
+    t = tiny_transcriber
+    one_second = np.random.default_rng(0).normal(0, 0.1, SR).astype(np.float32)
+    free = t._generation_config(40)
+    assert free.max_length == 40 and not free.no_repeat_ngram_size
+    t.max_tokens_per_second, t.no_repeat_ngram_size = 2.0, 2
+    try:
+        seen = {}
+        original = t.model.generate
+
+        def spy(*args, **kwargs):
+            seen.update(max_length=kwargs["generation_config"].max_length,
+                        no_repeat=kwargs["generation_config"].no_repeat_ngram_size)
+            return original(*args, **kwargs)
+
+        t.model.generate = spy
+        t([one_second], max_new_tokens=40)
+    finally:
+        t.max_tokens_per_second, t.no_repeat_ngram_size = None, 0
+        del t.model.generate
+    assert seen == {"max_length": 2 + 4, "no_repeat": 2}

@@ -157,6 +157,12 @@ class WhisperSection:
     """Most tokens generated per clip during evaluation."""
     num_beams: int = 1
     """Beam width of evaluation / transcription (1 = greedy)."""
+    no_repeat_ngram_size: int = 0
+    """Evaluation / transcription: forbid repeating any token n-gram of this size (0 = off); a guard
+    against repetition loops."""
+    max_tokens_per_second: Optional[float] = None
+    """Evaluation / transcription of clips up to 30 s: at most this many tokens per second of audio
+    (+4), so a clip cannot produce a transcript far longer than speech allows (null = off)."""
     metric: str = "auto"
     """``cer``, ``wer`` or ``auto`` (CER for zh/ja/ko/th/yue, else WER)."""
 

@@ -192,7 +192,9 @@ def evaluate(cfg) -> Dict:
     test = load_test_set(cfg)  # data errors surface before the model loads
     log.info("test set: %d clips from %s", len(test.ids), test.source)
     model, processor = load_asr(cfg)
-    transcriber = Transcriber(model, processor, language, cfg.whisper.task, cfg.whisper.num_beams, timestamps=False, trim_audio=cfg.whisper.trim_audio)
+    w = cfg.whisper
+    transcriber = Transcriber(model, processor, language, w.task, w.num_beams, timestamps=False, trim_audio=w.trim_audio,
+                              no_repeat_ngram_size=w.no_repeat_ngram_size, max_tokens_per_second=w.max_tokens_per_second)
     runs = []  # (name, context that switches the adapter off or leaves the model as it is)
     if cfg.model.adapter and cfg.eval.compare_base:
         runs.append(("base", model.disable_adapter))

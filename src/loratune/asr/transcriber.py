@@ -95,7 +95,8 @@ class Transcript:
 class Transcriber:
     """Batched Whisper transcription of in-memory 16-kHz audio (used by transcribe and serve)."""
 
-    def __init__(self, model, processor, language: Optional[str] = None, task: str = "transcribe", num_beams: int = 1, timestamps: bool = False, trim_audio: bool = False):
+    def __init__(self, model, processor, language: Optional[str] = None, task: str = "transcribe", num_beams: int = 1, timestamps: bool = False, trim_audio: bool = False,
+                 no_repeat_ngram_size: int = 0, max_tokens_per_second: Optional[float] = None):
         import torch
 
         self.model, self.processor = model, processor
@@ -105,6 +106,7 @@ class Transcriber:
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             self.dtype = torch.float32
+        self.no_repeat_ngram_size, self.max_tokens_per_second = no_repeat_ngram_size, max_tokens_per_second
         self.trim_audio = False
         if trim_audio:
             from loratune.asr.trim import enable_encoder_trimming
@@ -121,7 +123,8 @@ class Transcriber:
         from loratune.core.speed import apply_generation_speed  # whisper.static_cache / compile_encoder, off by default
 
         apply_generation_speed(model, cfg.whisper, cfg.model)
-        return cls(model, processor, language, cfg.whisper.task, cfg.whisper.num_beams, cfg.whisper.timestamps, cfg.whisper.trim_audio)
+        w = cfg.whisper
+        return cls(model, processor, language, w.task, w.num_beams, w.timestamps, w.trim_audio, w.no_repeat_ngram_size, w.max_tokens_per_second)
 
     def _features(self, audios: Sequence[np.ndarray], long_form: bool):
         fe = self.processor.feature_extractor
@@ -155,6 +158,8 @@ class Transcriber:
 
         gen = copy.deepcopy(self.model.generation_config)
         gen.num_beams = self.num_beams
+        if self.no_repeat_ngram_size:
+            gen.no_repeat_ngram_size = self.no_repeat_ngram_size
         if max_new_tokens:
             gen.max_new_tokens, gen.max_length = None, max_new_tokens
         return gen
@@ -180,6 +185,11 @@ class Transcriber:
         import torch
 
         x, mask = self._features(audios, long_form)
+        if self.max_tokens_per_second and not long_form:  # no transcript longer than speech allows
+            import math
+
+            budget = math.ceil(max(len(a) for a in audios) / SAMPLE_RATE * self.max_tokens_per_second) + 4
+            max_new_tokens = min(max_new_tokens or budget, budget)
         timestamps = long_form or self.timestamps
         with torch.inference_mode():
             languages = self._languages(x)
