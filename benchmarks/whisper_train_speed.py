@@ -140,8 +140,9 @@ def build(path, cfg, extra):
     from transformers import WhisperForConditionalGeneration
 
     from loratune.asr.model import model_dtype
+    from loratune.asr.speed import apply_training_speed
     from loratune.core.adapters import attach_lora, bnb_config
-    from loratune.core.speed import apply_training_speed, cast_frozen, dequantize_frozen
+    from loratune.core.speed import cast_frozen, dequantize_frozen
 
     kwargs = dict(dtype=model_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
     quant = bnb_config(cfg.quant)

@@ -24,8 +24,9 @@ import torch
 from sft_tiny import make_tiny_llama
 from test_speed_paths import lora_model, train_curve
 
+from loratune.asr.speed import precompute_causal_mask
 from loratune.config import load_config
-from loratune.core.speed import check_device_support, compile_layers, precompute_causal_mask
+from loratune.core.speed import check_device_support, compile_layers
 from loratune.errors import ConfigError
 
 torch.set_num_threads(1)
@@ -153,7 +154,7 @@ def test_gpu_recipe_speed_settings_still_train_on_a_cpu(tiny):
     the GPU-only levers; a training step runs."""
     from pathlib import Path
 
-    from loratune.core.speed import apply_training_speed
+    from loratune.asr.speed import apply_training_speed
 
     if torch.cuda.is_available():
         pytest.skip("CPU behaviour")
@@ -172,7 +173,8 @@ def test_generate_runs_on_bf16_frozen_weights_outside_autocast(tiny):
     first evaluation, found on the H100). The encoder now casts its input to its weights' dtype."""
     from test_speed_paths import features
 
-    from loratune.core.speed import cast_frozen, match_encoder_input_dtype
+    from loratune.asr.speed import match_encoder_input_dtype
+    from loratune.core.speed import cast_frozen
 
     model = lora_model(tiny)
     cast_frozen(model, torch.bfloat16)

@@ -136,9 +136,9 @@ def test_dequantized_4bit_base_is_the_same_function(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
 
+    from loratune.asr.speed import apply_training_speed
     from loratune.config import load_config
     from loratune.core.adapters import keep_4bit_layout
-    from loratune.core.speed import apply_training_speed
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)

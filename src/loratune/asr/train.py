@@ -127,7 +127,14 @@ def _card_notes(cfg) -> list:
             f"short-clip mode (trim_audio) {w.trim_audio} |"]
 
 
-WING = Wing(task="asr", prepare=_prepare, build_model=_build_model, make_trainer=_make_trainer, card_notes=_card_notes)
+def _apply_speed(model, cfg):
+    from loratune.asr.speed import apply_training_speed  # core switches + the Whisper hooks
+
+    return apply_training_speed(model, cfg)
+
+
+WING = Wing(task="asr", prepare=_prepare, build_model=_build_model, make_trainer=_make_trainer, card_notes=_card_notes,
+            apply_speed=_apply_speed)
 
 
 def train(cfg) -> Dict[str, Any]:

@@ -120,7 +120,7 @@ class Transcriber:
 
         language = check_language(cfg.whisper.language)  # fail before loading the model
         model, processor = load_asr(cfg)
-        from loratune.core.speed import apply_generation_speed  # whisper.static_cache / compile_encoder, off by default
+        from loratune.asr.speed import apply_generation_speed  # whisper.static_cache / compile_encoder, off by default
 
         apply_generation_speed(model, cfg.whisper, cfg.model)
         w = cfg.whisper

@@ -1,11 +1,13 @@
 """Speed levers that are not a single transformers/PEFT switch (see README.md (Performance)).
 
-    from loratune.core.speed import apply_training_speed, apply_generation_speed
+    from loratune.core.speed import apply_training_speed, check_device_support
     model = attach_lora(model, cfg, task_type=...)
     check_device_support(cfg)              # before any long work: bf16 / flex attention need the right device
     apply_training_speed(model, cfg)       # train.dequantize_base / frozen_dtype / checkpoint_fraction /
                                            # compile_layers / cuda_graphs, model.sdpa_backend
-    apply_generation_speed(model, cfg.whisper)   # whisper.static_cache / compile_encoder (inference)
+
+Architecture-specific parts come in through :class:`SpeedHooks`; Whisper's (encoder input dtype,
+CUDA-graph layers, the precomputed decoder mask, generation speed) live in ``loratune.asr.speed``.
 
 Each lever is measured in ``benchmarks/`` and checked against the slow path by
 ``tests/test_speed_paths.py``.
@@ -115,11 +117,6 @@ def dequantize_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     return n
 
 
-def _whisper_encoder(model: nn.Module) -> Optional[nn.Module]:
-    """The Whisper encoder of a (PEFT-wrapped) model, or None for other architectures."""
-    return getattr(getattr(peft_base(model), "model", None), "encoder", None)
-
-
 def compile_layers(model: nn.Module, graph_layers: Sequence[nn.Module] = ()) -> int:
     """Regional ``torch.compile``: each transformer layer gets the compiled forward of its class
     (one graph, reused by every layer of that class), so compilation takes seconds, not minutes,
@@ -156,71 +153,9 @@ def _route_train_graphs(layer: nn.Module) -> None:
     layer._compiled_call_impl = call
 
 
-def match_encoder_input_dtype(model: nn.Module) -> bool:
-    """Cast Whisper's log-mel input to the dtype of the first convolution's weights.
-
-    With ``train.frozen_dtype=bfloat16`` the convolutions hold bf16 weights while the feature
-    extractor gives fp32. Training forwards run under autocast, which casts anyway (same values);
-    ``generate`` during evaluation (``train.generate_during_eval``) runs outside it and would stop
-    at the first evaluation with a dtype error. Returns whether a hook was added (Whisper only)."""
-    encoder = _whisper_encoder(model)
-    conv = getattr(encoder, "conv1", None)
-    if conv is None:
-        return False
-
-    def hook(module, args, kwargs):
-        dtype = conv.weight.dtype
-        if args and torch.is_tensor(args[0]) and args[0].dtype != dtype:
-            return (args[0].to(dtype), *args[1:]), kwargs
-        feats = kwargs.get("input_features")
-        if torch.is_tensor(feats) and feats.dtype != dtype:
-            kwargs["input_features"] = feats.to(dtype)
-            return args, kwargs
-        return None
-
-    encoder.register_forward_pre_hook(hook, with_kwargs=True)
-    return True
-
-
-def precompute_causal_mask(decoder: nn.Module) -> None:
-    """Hand a Whisper decoder its causal mask as a ready 4-D tensor during training forwards.
-
-    Without one, transformers' mask builder checks the decoder's position ids for packed sequences
-    with a Python ``if`` on a GPU value (``masking_utils.find_packed_sequence_indices``): the CPU
-    waits there for the encoder's forward to finish once per step, and the GPU then idles while
-    the backward's kernels are launched. A 4-D mask is used as given (transformers' documented
-    custom-mask path); the attention it computes is the same causal attention."""
-
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if (not module.training or not torch.is_grad_enabled() or ids is None or args
-                or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None):
-            return None
-        n = ids.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril_()
-        kwargs["attention_mask"] = causal[None, None].expand(ids.shape[0], 1, n, n)
-        return args, kwargs
-
-    decoder.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def _new_graph_step(module: nn.Module, args) -> None:
     if module.training and torch.is_grad_enabled():
         torch.compiler.cudagraph_mark_step_begin()
-
-
-def cuda_graph_layers(model: nn.Module, cfg) -> list:
-    """The layers ``train.cuda_graphs`` may replay as graphs: Whisper's encoder layers when every
-    clip is padded to 30 s (one shape). Trimmed clips (``whisper.trim_audio``) change the length
-    every batch, and a graph per length would cost memory and recording time, so none there."""
-    encoder = _whisper_encoder(model)
-    if encoder is None or not hasattr(encoder, "layers"):
-        log.info("train.cuda_graphs skipped: it replays Whisper encoder layers; this model has none")
-        return []
-    if getattr(getattr(cfg, "whisper", None), "trim_audio", False):
-        log.info("train.cuda_graphs skipped: whisper.trim_audio gives every batch its own length")
-        return []
-    return list(encoder.layers)
 
 
 def set_sdpa_backend(name: Optional[str]) -> bool:
@@ -260,7 +195,24 @@ def check_device_support(cfg) -> None:
                               "(liger-kernel); set it false here")
 
 
-def apply_training_speed(model: nn.Module, cfg) -> dict:
+class SpeedHooks:
+    """What an architecture adds to :func:`apply_training_speed` (the Whisper wing's are in
+    ``asr.speed``); the defaults do nothing."""
+
+    def after_half_cast(self, model: nn.Module) -> bool:
+        """After frozen weights went to bf16/fp16: fix inputs that would meet them outside autocast."""
+        return False
+
+    def graph_layers(self, model: nn.Module, cfg) -> list:
+        """Layers whose training calls may replay as CUDA graphs (inputs of one fixed shape)."""
+        log.info("train.cuda_graphs skipped: no layers of this architecture have one fixed input shape")
+        return []
+
+    def after_graphs(self, model: nn.Module) -> None:
+        """Remove per-step GPU syncs around the graph layers."""
+
+
+def apply_training_speed(model: nn.Module, cfg, hooks: Optional[SpeedHooks] = None) -> dict:
     """Apply the ``train.*`` speed options to a model that ``attach_lora`` has already wrapped.
 
     Order matters: dequantise first (it replaces modules), then cast what stays frozen, then trim
@@ -272,6 +224,7 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
     """
     from loratune.core.adapters import DTYPES  # train.frozen_dtype's values are checked when the config loads
 
+    hooks = hooks or SpeedHooks()
     t = cfg.train
     cuda = torch.cuda.is_available()
     done = {}
@@ -285,18 +238,18 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
         done["dequantized_layers"] = dequantize_frozen(model, DTYPES[frozen or "bfloat16"])
     if frozen:
         done["cast_frozen_tensors"] = cast_frozen(model, DTYPES[frozen])
-        if frozen in ("bfloat16", "float16") and match_encoder_input_dtype(model):
+        if frozen in ("bfloat16", "float16") and hooks.after_half_cast(model):
             done["encoder_input_dtype"] = frozen
     fraction = getattr(t, "checkpoint_fraction", 1.0)
     if t.gradient_checkpointing and fraction < 1.0:
         done["checkpointed_layers"] = set_checkpointed_layers(peft_base(model), fraction)
     if getattr(t, "compile_layers", False):
         if cuda:
-            graph_layers = cuda_graph_layers(model, cfg) if getattr(t, "cuda_graphs", False) else []
+            graph_layers = hooks.graph_layers(model, cfg) if getattr(t, "cuda_graphs", False) else []
             done["compiled_layers"] = compile_layers(model, graph_layers)
             if graph_layers:
                 done["cuda_graph_layers"] = len(graph_layers)
-                precompute_causal_mask(peft_base(model).model.decoder)
+                hooks.after_graphs(model)
         else:
             log.info("train.compile_layers skipped: it is a GPU lever (no CUDA here)")
     elif getattr(t, "cuda_graphs", False):
@@ -305,22 +258,4 @@ def apply_training_speed(model: nn.Module, cfg) -> dict:
         done["sdpa_backend"] = cfg.model.sdpa_backend
     if done:
         log.info("speed settings: %s", done)
-    return done
-
-
-def apply_generation_speed(model: nn.Module, whisper_cfg, model_cfg=None) -> dict:
-    """Apply ``whisper.static_cache`` / ``whisper.compile_encoder`` (and ``model.sdpa_backend``) to a
-    Whisper model for inference."""
-    base = peft_base(model)
-    done = {}
-    if set_sdpa_backend(getattr(model_cfg, "sdpa_backend", None)):
-        done["sdpa_backend"] = model_cfg.sdpa_backend
-    if getattr(whisper_cfg, "static_cache", False):
-        # transformers compiles the one-token decoder step itself once the cache is static
-        base.generation_config.cache_implementation = "static"
-        done["static_cache"] = True
-    encoder = _whisper_encoder(model)
-    if getattr(whisper_cfg, "compile_encoder", False) and encoder is not None:
-        base.model.encoder = torch.compile(encoder)
-        done["compiled_encoder"] = True
     return done

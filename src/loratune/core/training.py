@@ -53,6 +53,7 @@ class Wing:
     build_model: Callable[[Any], Any]                           # cfg -> model with LoRA attached
     make_trainer: Callable[[Any, Any, Prepared, List[Any]], Any]  # cfg, model, data, callbacks -> Trainer
     card_notes: Callable[[Any], List[str]] = lambda cfg: []     # extra lines for the model card
+    apply_speed: Optional[Callable[[Any, Any], Dict[str, Any]]] = None  # model, cfg -> report; None = core's
 
 
 def resume_checkpoint(cfg) -> Optional[Path]:
@@ -177,7 +178,7 @@ def run_training(cfg, wing: Wing) -> Dict[str, Any]:
                         "set data.eval_split / data.eval_ratio, or train.eval_strategy=no")
     set_seed(cfg.train.seed)  # LoRA A matrices are random: same seed, same adapter init (DDP ranks agree)
     model = wing.build_model(cfg)
-    speed = apply_training_speed(model, cfg)  # off unless train.* speed options are set
+    speed = (wing.apply_speed or apply_training_speed)(model, cfg)  # off unless train.* speed options are set
     callbacks = training_callbacks(cfg, bool(cfg.train.load_best_model_at_end and prepared.eval is not None
                                              and cfg.train.eval_strategy != "no"))
     trainer = wing.make_trainer(cfg, model, prepared, callbacks)
