@@ -217,6 +217,8 @@ def bad_set(tmp_path):
     (tmp_path / "audio").mkdir()
     sine(tmp_path / "audio" / "ok1.wav", 1.0)
     sine(tmp_path / "audio" / "ok2.wav", 1.2)
+    sine(tmp_path / "audio" / "ok3.wav", 1.1)
+    sine(tmp_path / "audio" / "ok4.wav", 1.3)
     sine(tmp_path / "audio" / "long.wav", 31.0)
     (tmp_path / "audio" / "corrupt.mp3").write_bytes(b"ID3 this is not audio at all" * 50)
     sine(tmp_path / "audio" / "empty_text.wav", 0.5)
@@ -254,7 +256,7 @@ def test_each_bad_row_is_a_one_line_error(bad_set, processor, kind, fragments):
 
 def test_skip_bad_rows_drops_and_counts_them(bad_set, processor, caplog):
     folder, good, bad = bad_set
-    path = write_csv(folder / "all.csv", good * 2 + list(bad.values()))
+    path = write_csv(folder / "all.csv", good + [("ok3.wav", "好"), ("ok4.wav", "好好")] + list(bad.values()))
     # two feature workers: their errors come back as counted skips too
     cfg = cfg_for(folder, f"data.csv={path}", "data.skip_bad_rows=true", "data.eval_ratio=0.3", "data.num_proc=2")
     with caplog.at_level("WARNING"):

@@ -234,9 +234,13 @@ def test_qlora_sft_on_cpu_saves_adapter_generates_and_evaluates(tmp_path, arch, 
     with (tmp_path / "ev" / "examples.csv").open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == metrics["examples"] and {"reference", "base", "adapter", "chrf_adapter"} <= set(rows[0])
-    # resume continues from the last checkpoint to the new step budget
+    # resume continues from the last checkpoint to the new step budget (the same settings otherwise:
+    # a resume with another lr or warm-up is refused, naming the keys)
     assert main(["train", *common, "train.max_steps=6", "train.batch_size=4", f"train.output_dir={out}",
-                 "train.eval_strategy=epoch", "train.load_best_model_at_end=false", "--resume"]) == 0
+                 "train.eval_strategy=epoch", "train.load_best_model_at_end=false", "--resume"]) == 2
+    assert "train.lr (0.01 -> 0.0001)" in capsys.readouterr().err
+    assert main(["train", *common, "train.max_steps=6", "train.batch_size=4", "train.lr=1e-2", "train.warmup_epochs=0.5",
+                 f"train.output_dir={out}", "train.eval_strategy=epoch", "train.load_best_model_at_end=false", "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 6 and summary["eval_loss"] > 0
 

@@ -77,7 +77,8 @@ def test_files_and_folders_all_formats(base, tiny_transcriber, hsk_dir, tmp_path
     out = tmp_path / "out"
     results = transcribe_files(_cfg(base, out, "transcribe.batch_size=2"), [str(tmp_path / "in"), str(tmp_path / "long.wav")], tiny_transcriber)
     assert len(results) == 3
-    for stem in ("hsk1-0001", "hsk1-0002", "long"):
+    # under transcribe.output_dir the input folders' structure is kept (relative to their common folder)
+    for stem in ("in/sub/hsk1-0001", "in/sub/hsk1-0002", "long"):
         assert {p.suffix for p in out.glob(f"{stem}.*")} == {".txt", ".srt", ".vtt", ".json"}
         data = json.loads((out / f"{stem}.json").read_text(encoding="utf-8"))
         assert data["language"] == "zh" and data["text"] == (out / f"{stem}.txt").read_text(encoding="utf-8").strip()
@@ -226,3 +227,17 @@ def test_duration_budget_and_no_repeat_ngram(tiny_transcriber):
         t.max_tokens_per_second, t.no_repeat_ngram_size = None, 0
         del t.model.generate
     assert seen == {"max_length": 2 + 4, "no_repeat": 2}
+
+
+def test_output_names_never_collide(tmp_path):
+    """a.mp3 + a.wav in one folder, and x.wav in two subfolders, each get their own transcripts."""
+    from loratune.transcribe import output_stems
+
+    files = [tmp_path / "a.mp3", tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "d1" / "x.wav", tmp_path / "d2" / "x.wav"]
+    beside = output_stems(files, None)
+    assert beside[files[0]] == tmp_path / "a.mp3" and beside[files[1]] == tmp_path / "a.wav" and beside[files[2]] == tmp_path / "b"
+    assert beside[files[3]] == tmp_path / "d1" / "x" and beside[files[4]] == tmp_path / "d2" / "x"
+    out = tmp_path / "out"
+    under = output_stems(files, str(out))
+    assert len(set(under.values())) == len(files)
+    assert under[files[3]] == out / "d1" / "x" and under[files[4]] == out / "d2" / "x" and under[files[2]] == out / "b"

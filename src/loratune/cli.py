@@ -41,6 +41,17 @@ verbs:
 """
 
 
+# verbs that take positional paths (audio inputs; a checkpoint and output; a model; an output
+# folder); every other verb takes none, so a stray word there is a typo
+PATH_VERBS = {"transcribe", "convert", "export", "merge"}
+
+
+def _gpus(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise LoratuneError(f"--gpus {value!r}: give a whole number of processes, e.g. --gpus 2")
+    return int(value)
+
+
 class Invocation:
     """What the command line asked for, split into recipe, overrides, paths and flags."""
 
@@ -55,9 +66,9 @@ class Invocation:
             if tok in ("--resume",):
                 self.overrides.append("train.resume=true")
             elif tok == "--gpus":
-                self.flags["gpus"] = int(next(it, "1"))
+                self.flags["gpus"] = _gpus(next(it, ""))
             elif tok.startswith("--gpus="):
-                self.flags["gpus"] = int(tok.split("=", 1)[1])
+                self.flags["gpus"] = _gpus(tok.split("=", 1)[1])
             elif tok.startswith("--"):
                 raise LoratuneError(f"unknown flag {tok}; options are key=value (see `loratune {verb} --help`)")
             elif "=" in tok and not tok.startswith(("/", ".")):
@@ -66,6 +77,10 @@ class Invocation:
                 self.recipe = tok
             else:
                 self.paths.append(tok)
+        if self.paths and verb not in PATH_VERBS:
+            hint = " (no spaces around '=': key=value)" if any(" " in p or "." in p.split("/")[-1] for p in self.paths) else ""
+            raise LoratuneError(f"loratune {verb} takes no positional arguments, got {' '.join(map(repr, self.paths))}{hint}; "
+                                f"options are key=value (see `loratune {verb} --help`)")
 
     def config(self):
         from loratune.config import load_config

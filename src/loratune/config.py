@@ -146,6 +146,49 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.metric_for_best_model={cfg.train.metric_for_best_model} needs train.generate_during_eval=true")
     if cfg.train.early_stopping_patience is not None and cfg.train.eval_strategy == "no":
         raise ConfigError("train.early_stopping_patience needs evaluation: set train.eval_strategy to epoch or steps")
+    _check_numbers(cfg)
+
+
+# key -> (test, what it must be); checked for every verb before any work
+_NUMBERS = {
+    "train.lr": (lambda v: v > 0, "a positive number, e.g. 1e-4"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.grad_accum": (lambda v: v >= 1, "at least 1"),
+    "train.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "train.warmup_epochs": (lambda v: v >= 0, "0 or more"),
+    "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "train.max_grad_norm": (lambda v: v >= 0, "0 or more (0 = no clipping)"),
+    "train.logging_steps": (lambda v: v >= 1, "at least 1"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.checkpoint_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.num_workers": (lambda v: v >= 0, "0 or more"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.max_audio_seconds": (lambda v: v > 0, "a positive number of seconds"),
+    "data.num_proc": (lambda v: v >= 1, "at least 1"),
+    "eval.batch_size": (lambda v: v >= 1, "at least 1"),
+    "transcribe.batch_size": (lambda v: v >= 1, "at least 1"),
+    "whisper.generation_max_length": (lambda v: 1 <= v <= 448, "between 1 and 448 (Whisper's decoder positions)"),
+    "whisper.num_beams": (lambda v: v >= 1, "at least 1"),
+    "whisper.mask_time_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "whisper.mask_feature_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    for key, (ok, what) in _NUMBERS.items():
+        value = get_key(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value}: must be {what}")
+    t = cfg.train
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError(f"train.epochs={t.epochs:g} trains nothing; give a positive number of epochs (or train.max_steps > 0)")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: must be a positive step count, or -1 to use train.epochs")
+    if t.threads is not None and t.threads < 1:
+        raise ConfigError(f"train.threads={t.threads}: must be at least 1 (or null for PyTorch's default)")
+    if cfg.task == "asr" and cfg.data.max_audio_seconds > 30:
+        raise ConfigError(f"data.max_audio_seconds={cfg.data.max_audio_seconds:g}: Whisper trains on at most 30 s per example "
+                          "(longer clips would be cut while their whole transcript is kept); set 30 or less, or split long clips")
 
 
 def to_yaml(cfg: RunConfig) -> str:

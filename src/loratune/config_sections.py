@@ -257,7 +257,11 @@ class TrainSection:
     torch_compile: bool = False
     """Compile the model with ``torch.compile``."""
     resume: bool = False
-    """Continue from the last checkpoint in ``output_dir`` (same as ``--resume``)."""
+    """Continue from the last checkpoint in ``output_dir`` (same as ``--resume``); the earlier run's
+    settings must match in every key that changes the result."""
+    overwrite: bool = False
+    """Let a new run use an ``output_dir`` holding an earlier run: its checkpoints and final adapter
+    are deleted first (without this, such a folder is refused)."""
     threads: Optional[int] = None
     """CPU threads for PyTorch (null = PyTorch's default)."""
     frozen_dtype: Optional[str] = None

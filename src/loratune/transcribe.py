@@ -36,6 +36,21 @@ log = logging.getLogger(__name__)
 SECTIONS = ("model", "quant", "whisper", "transcribe")
 
 
+def output_stems(files: Sequence[Path], output_dir: Optional[str]) -> Dict[Path, Path]:
+    """Where each file's transcripts go (without the format suffix), never two on one name.
+
+    Beside the audio by default; under ``output_dir`` the input folders' structure is kept (so
+    ``a/x.wav`` and ``b/x.wav`` do not collide). Two inputs differing only in extension
+    (``a.mp3``, ``a.wav``) keep it: ``a.mp3.txt``, ``a.wav.txt``."""
+    import os
+
+    files = [Path(f) for f in files]
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files])) if files else Path(".")
+    base = {f: (Path(output_dir) / f.resolve().parent.relative_to(root) if output_dir else f.parent) / f.stem for f in files}
+    clashes = {b for b in base.values() if sum(1 for v in base.values() if v == b) > 1}
+    return {f: (b.with_name(f.name) if b in clashes else b) for f, b in base.items()}
+
+
 def transcribe_files(cfg, paths: Sequence[str], transcriber: Optional[Transcriber] = None) -> Dict[str, Transcript]:
     """Check, load, transcribe and write every file; returns ``{path: Transcript}``."""
     from tqdm.auto import tqdm
@@ -55,6 +70,7 @@ def transcribe_files(cfg, paths: Sequence[str], transcriber: Optional[Transcribe
             log.warning("skipping %s", exc)
     if not audios:
         raise DataError("no usable audio among the inputs (see the warnings above)")
+    targets = output_stems(list(audios), opts.output_dir)
     transcriber = transcriber or Transcriber.from_config(cfg)
     # Long files first and alone (their long-form loop is sequential), then short clips in batches.
     order = sorted(audios, key=lambda f: -len(audios[f]))
@@ -66,9 +82,8 @@ def transcribe_files(cfg, paths: Sequence[str], transcriber: Optional[Transcribe
         batch = order[i : i + (1 if is_long else max(1, opts.batch_size))]
         for f, t in zip(batch, transcriber([audios[f] for f in batch], max_new_tokens=opts.max_new_tokens)):
             results[str(f)] = t
-            out_dir = Path(opts.output_dir) if opts.output_dir else f.parent
             for fmt in opts.formats:
-                write_text(out_dir / f"{f.stem}.{fmt}", render(t, fmt))
+                write_text(targets[f].with_name(f"{targets[f].name}.{fmt}"), render(t, fmt))
         bar.update(len(batch))
         i += len(batch)
     bar.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 
 from loratune.core.audio import SAMPLE_RATE, load_audio
 from loratune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 REF, AUDIO, TEXT = "__ref", "__audio", "__text"  # normalised raw columns
 
@@ -64,7 +67,31 @@ def read_csv_table(data) -> Tuple[List[Dict[str, str]], Path]:
     rows = []
     for row in reader:
         rows.append({data.rename.get(k, k): (v or "") for k, v in row.items() if k is not None})
-    return rows, path
+    return _drop_duplicate_ids(rows, path, data), path
+
+
+def _drop_duplicate_ids(rows: List[Dict[str, str]], path: Path, data) -> List[Dict[str, str]]:
+    """One row per clip: a repeated ID (the same audio twice, perhaps with two transcripts, perhaps
+    in train and eval) is an error naming the lines, or with ``data.skip_bad_rows`` only the first
+    row of each ID is kept and the others are counted in a warning."""
+    seen: Dict[str, int] = {}
+    dupes: List[Tuple[int, int, str]] = []
+    kept = []
+    for i, row in enumerate(rows):
+        key = row[data.id_column].strip()
+        if key and key in seen:
+            dupes.append((seen[key] + 2, i + 2, key))  # header is line 1
+            continue
+        seen.setdefault(key, i)
+        kept.append(row)
+    if dupes and not data.skip_bad_rows:
+        first, again, key = dupes[0]
+        more = f" (and {len(dupes) - 1} more repeated IDs)" if len(dupes) > 1 else ""
+        raise DataError(f"{path} lines {first} and {again}: ID {key!r} appears twice{more}; keep one row per clip, "
+                        "or set data.skip_bad_rows=true to keep only the first")
+    if dupes:
+        log.warning("%s: %d rows repeat an earlier ID and were skipped (first: line %d, ID %r)", path, len(dupes), dupes[0][1], dupes[0][2])
+    return kept
 
 
 def _csv_dataset(data):

@@ -22,6 +22,7 @@ optimiser step and nothing already trained is replaced by accident:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -56,21 +57,88 @@ class Wing:
     apply_speed: Optional[Callable[[Any, Any], Dict[str, Any]]] = None  # model, cfg -> report; None = core's
 
 
+# what a resumed run must share with the run that wrote the checkpoint (anything else changes
+# the result); train.epochs / max_steps may grow, to continue a run for longer
+RESULT_KEYS = ("task", "model.name", "model.gguf_file", "quant", "lora", "data", "whisper.language", "whisper.task",
+               "whisper.timestamps", "whisper.trim_audio", "whisper.spec_augment", "whisper.mask_time_prob",
+               "whisper.mask_feature_prob", "sft", "train.lr", "train.batch_size", "train.grad_accum", "train.optim",
+               "train.scheduler", "train.warmup_epochs", "train.warmup_steps", "train.weight_decay", "train.seed",
+               "train.max_grad_norm", "train.label_smoothing")
+NOT_RESULT = ("data.num_proc", "data.cache_dir", "data.max_eval_samples")
+FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", "summary.json", "loss.png", "README.md")
+
+
+def _flat(obj, prefix: str = "") -> Dict[str, Any]:
+    from dataclasses import fields, is_dataclass
+
+    if not is_dataclass(obj):
+        return {prefix: obj}
+    out: Dict[str, Any] = {}
+    for f in fields(obj):
+        out.update(_flat(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name))
+    return out
+
+
+def config_differences(old, new) -> List[str]:
+    """Keys of RESULT_KEYS whose values differ between two run configs."""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in b if any(k == r or k.startswith(r + ".") for r in RESULT_KEYS) and k not in NOT_RESULT]
+    return [f"{k} ({a.get(k)!r} -> {b[k]!r})" for k in keys if a.get(k) != b[k]]
+
+
+def _leftovers(out: Path) -> List[str]:
+    found = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir())
+    return found + [f for f in FINAL_FILES[:1] if (out / f).exists()]
+
+
 def resume_checkpoint(cfg) -> Optional[Path]:
-    """The checkpoint ``--resume`` continues from (None for a fresh run); ConfigError when asked
-    to resume with nothing to resume from, or when the output path is a file."""
+    """The checkpoint ``--resume`` continues from (None for a fresh run), after the output-folder
+    rules; ConfigError (one line, before any work) when:
+
+    - the output path is a file;
+    - a fresh run meets checkpoints or a finished adapter of an earlier run (``--resume`` continues
+      it; ``train.overwrite=true`` deletes them first);
+    - ``--resume`` finds no complete checkpoint, or the earlier run's config differs in a key that
+      changes the result (named), or its checkpoint is already at or past ``train.max_steps``.
+    """
+    from loratune.config import load_config
     from loratune.core.trainer_args import last_complete_checkpoint
 
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir={out} is a file; give a folder")
     if not cfg.train.resume:
+        old = _leftovers(out) if out.is_dir() else []
+        if old and not cfg.train.overwrite:
+            raise ConfigError(f"train.output_dir={out} holds an earlier run ({', '.join(old[:4])}{' ...' if len(old) > 4 else ''}); "
+                              "continue it with --resume, pick another folder, or set train.overwrite=true to delete it first")
+        if old and int(os.environ.get("RANK", "0")) == 0:  # under DDP one rank deletes
+            _clear_run(out)
         return None
     ckpt = last_complete_checkpoint(out)
     if ckpt is None:
         raise ConfigError(f"train.resume=true but {out} has no complete checkpoint-* folder; drop --resume to start fresh")
+    saved = out / "loratune_config.yaml"
+    if saved.is_file():
+        diff = config_differences(load_config(saved), cfg)
+        if diff:
+            raise ConfigError(f"--resume: {ckpt.name} was trained with other settings: {'; '.join(diff)}; "
+                              "resume with the same settings, or start a new run in another folder")
+    step = int(ckpt.name.split("-")[1])
+    if 0 < cfg.train.max_steps <= step:
+        raise ConfigError(f"--resume: {ckpt.name} is already at step {step} >= train.max_steps={cfg.train.max_steps}; nothing to train")
     log.info("resuming from %s", ckpt)
     return ckpt
+
+
+def _clear_run(out: Path) -> None:
+    """train.overwrite: remove an earlier run's checkpoints and final outputs (not other files)."""
+    for p in out.glob("checkpoint-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    for name in FINAL_FILES:
+        (out / name).unlink(missing_ok=True)
+    log.info("train.overwrite: removed the earlier run's checkpoints and outputs in %s", out)
 
 
 def training_callbacks(cfg, load_best_model_at_end: bool) -> List[Any]:

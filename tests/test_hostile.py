@@ -1,0 +1,130 @@
+"""What a hostile tester found (issue: no silent wrong results), each case with the one line it now
+gets, before any long work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loratune.cli import main as cli
+from loratune.config import load_config, save_config
+from loratune.errors import ConfigError, DataError, ModelError
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "configs" / "whisper-base-hsk-qlora.yaml")
+
+
+def _fake_run(out: Path, cfg, steps=(100, 200)) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for s in steps:
+        (out / f"checkpoint-{s}").mkdir()
+        (out / f"checkpoint-{s}" / "trainer_state.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    save_config(cfg, out)
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_folder_unless_overwrite(tmp_path):
+    from loratune.core.training import resume_checkpoint
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"train.output_dir={out}"])
+    _fake_run(out, cfg)
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(checkpoint-100, checkpoint-200, adapter_model.safetensors\)"):
+        resume_checkpoint(cfg)
+    assert resume_checkpoint(load_config(None, [f"train.output_dir={out}", "train.overwrite=true"])) is None
+    assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+    assert (out / "notes.md").read_text() == "mine"  # only the run's own files go
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_naming_the_keys(tmp_path):
+    from loratune.core.training import resume_checkpoint
+
+    out = tmp_path / "run"
+    old = load_config(None, [f"train.output_dir={out}", "lora.r=8", "train.lr=1e-3"])
+    _fake_run(out, old, steps=(300,))
+    new = load_config(None, [f"train.output_dir={out}", "lora.r=16", "train.lr=1e-3", "train.resume=true",
+                             "train.epochs=5", "data.num_proc=2"])
+    with pytest.raises(ConfigError, match=r"checkpoint-300 was trained with other settings: lora.r \(8 -> 16\); resume with"):
+        resume_checkpoint(new)
+    same = load_config(None, [f"train.output_dir={out}", "lora.r=8", "train.lr=1e-3", "train.resume=true", "train.epochs=5"])
+    assert resume_checkpoint(same).name == "checkpoint-300"  # more epochs: a longer run of the same settings
+    with pytest.raises(ConfigError, match="already at step 300 >= train.max_steps=100"):
+        resume_checkpoint(load_config(None, [f"train.output_dir={out}", "lora.r=8", "train.lr=1e-3", "train.resume=true",
+                                             "train.max_steps=100"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-0.001", "train.lr=-0.001: must be a positive number"),
+    ("train.batch_size=0", "train.batch_size=0: must be at least 1"),
+    ("train.epochs=-1", "train.epochs=-1 trains nothing"),
+    ("data.max_audio_seconds=60", "data.max_audio_seconds=60: Whisper trains on at most 30 s"),
+    ("lora.dropout=1.5", "lora.dropout=1.5: must be in [0, 1)"),
+])
+def test_bad_numbers_stop_with_one_line(override, message, tmp_path, capsys):
+    assert cli(["train", RECIPE, f"train.output_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", RECIPE, "train.epochs", "5"], "takes no positional arguments, got 'train.epochs' '5' (no spaces around '='"),
+    (["train", RECIPE, "--gpus", "abc"], "--gpus 'abc': give a whole number"),
+    (["evaluate", RECIPE, "stray"], "loratune evaluate takes no positional arguments"),
+])
+def test_typos_are_errors(argv, message, capsys):
+    assert cli(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    from loratune.core.training import resume_checkpoint
+
+    with pytest.raises(ConfigError, match="is a file"):
+        resume_checkpoint(load_config(None, [f"train.output_dir={f}"]))
+
+
+def test_damaged_adapter_gets_one_line(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from loratune.core.loading import check_adapter
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    save_file({"a": torch.zeros(64, 64), "b": torch.ones(8)}, str(d / "adapter_model.safetensors"))
+    assert check_adapter(d) == d
+    data = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # killed while writing
+    with pytest.raises(ModelError, match="damaged or truncated"):
+        check_adapter(d)
+    (d / "adapter_model.safetensors").write_bytes(data)
+    (d / "adapter_config.json").write_text('{"peft_type": ')
+    with pytest.raises(ModelError, match="adapter_config.json: not valid JSON"):
+        check_adapter(d)
+
+
+def test_export_refuses_a_pickle_adapter(tmp_path, capsys):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04")
+    from loratune.export import _merged_copy
+
+    with pytest.raises(ModelError, match="pickle"):
+        _merged_copy("whisper-base", str(d), tmp_path / "dest")
+
+
+def test_duplicate_ids_name_the_lines(tmp_path):
+    from loratune.asr.sources import read_csv_table
+
+    csv_path = tmp_path / "clips.csv"
+    csv_path.write_text("ID,sentence,split\na.mp3,你好,train\nb.mp3,再见,train\na.mp3,你们好,dev\n", encoding="utf-8")
+    cfg = load_config(None, [f"data.csv={csv_path}"])
+    with pytest.raises(DataError, match=r"clips.csv lines 2 and 4: ID 'a.mp3' appears twice"):
+        read_csv_table(cfg.data)
+    rows, _ = read_csv_table(load_config(None, [f"data.csv={csv_path}", "data.skip_bad_rows=true"]).data)
+    assert [r["ID"] for r in rows] == ["a.mp3", "b.mp3"]
