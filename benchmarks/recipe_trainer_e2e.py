@@ -88,13 +88,15 @@ def build_weights(folder: Path, tiny: bool) -> Path:
     return out
 
 
-def train_once(name: str, model_dir: Path, csv: Path, overrides, steps: int, out: Path) -> dict:
-    run_dir = out / name.replace(" ", "-")
-    cmd = [sys.executable, "-m", "loratune", "train", str(RECIPE), f"model.name={model_dir}", f"data.csv={csv}",
+def train_once(name: str, model_dir: Path, csv: Path, overrides, steps: int, out: Path, gpus: int = 1) -> dict:
+    run_dir = out / name.replace(" ", "-").replace(",", "")
+    cmd = [sys.executable, "-m", "loratune", "train", str(RECIPE), *(["--gpus", str(gpus)] if gpus > 1 else []), f"model.name={model_dir}", f"data.csv={csv}",
            f"data.audio_dir={csv.parent}", f"data.cache_dir={out / 'cache'}", f"train.output_dir={run_dir}",
            f"train.max_steps={steps}", "train.eval_strategy=no", "train.load_best_model_at_end=false",
            "train.early_stopping_patience=null", "train.report_to=[none]", "train.logging_steps=10", *overrides]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    if gpus == 1 and "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = "0"  # one process on a multi-GPU host: one GPU (loratune refuses DataParallel)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         print(proc.stdout[-3000:], proc.stderr[-6000:])
@@ -102,7 +104,7 @@ def train_once(name: str, model_dir: Path, csv: Path, overrides, steps: int, out
     s = json.loads((run_dir / "summary.json").read_text())
     keys = ["best_metric", "steady_samples_per_second", "mean_samples_per_second_after_warmup", "stalled_steps", "stalled_seconds", "steady_step_s", "steady_steps_timed", "peak_gpu_gb", "train_loss", "wall_time_s",
             "train_samples_per_second", "global_step"]
-    return dict(run=name, overrides=" ".join(overrides) or "(recipe as is)", **{k: s.get(k) for k in keys})
+    return dict(run=name, gpus=gpus, overrides=" ".join(overrides) or "(recipe as is)", **{k: s.get(k) for k in keys})
 
 
 def main():
@@ -112,6 +114,8 @@ def main():
     ap.add_argument("--steps", type=int, default=60, help="optimiser steps per run (the first 5 are not timed)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--runs", default="", help="';'-separated substrings of the run names to run (default: all)")
+    ap.add_argument("--gpus", default="", help="DDP scaling instead: comma-separated process counts, e.g. 1,2 "
+                    "(the shipped recipe, same per-GPU batch, `loratune train --gpus N`)")
     args = ap.parse_args()
     if args.verb == "prepare":
         return prepare(args.folder, args.tiny)
@@ -120,6 +124,15 @@ def main():
     csv = synthetic_clips(C.scratch_dir() / "e2e-clips")
     model_dir = build_weights(args.folder, args.tiny)
     extra = ["train.batch_size=2"] if args.tiny else []
+    if args.gpus:  # DDP scaling of the shipped recipe: samples/s are global (batch x accumulation x ranks)
+        rows = [train_once(f"shipped recipe, {n} GPU", model_dir, csv, extra, args.steps, out, gpus=int(n))
+                for n in args.gpus.split(",")]
+        C.add_ratio(rows, "steady_samples_per_second", rows[0].get("steady_samples_per_second"), "x_1gpu")
+        C.write_json("recipe_trainer_e2e_ddp.json", dict(versions=info, args=vars(args), rows=rows))
+        C.print_table(f"loratune train --gpus N, whisper-large-v3-turbo-zh-qlora, {args.steps} steps ({info['device']})", rows,
+                      ["run", "gpus", "steady_samples_per_second", "x_1gpu", "peak_gpu_gb", "train_loss", "stalled_steps",
+                       "wall_time_s", "error"])
+        return
     rows = [train_once(n, model_dir, csv, ov + extra, args.steps, out)
             for n, ov in [("tutorial settings", TUTORIAL), ("shipped recipe", []),
                           ("shipped recipe without CUDA graphs", ["train.cuda_graphs=false"]),

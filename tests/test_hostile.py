@@ -128,3 +128,20 @@ def test_duplicate_ids_name_the_lines(tmp_path):
         read_csv_table(cfg.data)
     rows, _ = read_csv_table(load_config(None, [f"data.csv={csv_path}", "data.skip_bad_rows=true"]).data)
     assert [r["ID"] for r in rows] == ["a.mp3", "b.mp3"]
+
+
+def test_several_gpus_in_one_process_are_refused(monkeypatch):
+    """A single process seeing 2 GPUs fell back to DataParallel (seen on a 2-GPU host: half the speed,
+    twice the memory of one GPU, the logged loss doubled); DDP or one GPU must be chosen."""
+    import torch
+
+    from loratune.core.speed import check_device_support
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"2 GPUs are visible to one process.*--gpus 2.*CUDA_VISIBLE_DEVICES=0"):
+        check_device_support(load_config(None, []))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun / accelerate each rank has its own GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    check_device_support(load_config(None, []))

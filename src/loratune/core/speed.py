@@ -15,6 +15,7 @@ Each lever is measured in ``benchmarks/`` and checked against the slow path by
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -179,6 +180,11 @@ def check_device_support(cfg) -> None:
     from loratune.errors import ConfigError
 
     cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.device_count() > 1 and "WORLD_SIZE" not in os.environ:
+        n = torch.cuda.device_count()
+        raise ConfigError(f"{n} GPUs are visible to one process: the Trainer would fall back to DataParallel (slower, and "
+                          f"not what the recipes were measured with); run `loratune train ... --gpus {n}` for DDP, or "
+                          "set CUDA_VISIBLE_DEVICES=0 for one GPU")
     wants_bf16 = cfg.train.bf16 or (cfg.quant.bits and cfg.quant.compute_dtype == "bfloat16")
     if wants_bf16 and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(
