@@ -146,3 +146,33 @@ def test_two_gloo_ranks_match_one_process_for_a_causal_lm(tmp_path):
     for k in a1:
         diff = (a1[k].float() - a2[k].float()).norm() / max(a1[k].float().norm(), 1e-8)
         assert diff < 0.02, (k, float(diff))
+
+
+def test_two_nodes_on_localhost_match_one_process(tiny, clips_csv, hsk_dir, tmp_path):
+    """Multi-node launch, simulated: two torchrun agents (--nnodes 2, c10d rendezvous on 127.0.0.1),
+    one process each, train the tiny Whisper and match one process with the same global batch."""
+    import socket
+
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    common = ["train.max_steps=3", "train.eval_strategy=no"]
+    r1 = loratune("train", str(RECIPE), *overrides(tiny, clips_csv, hsk_dir, single, 4, *common))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = overrides(tiny, clips_csv, hsk_dir, multi, 2, *common)
+    agents = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=loratune-test",
+               "-m", "loratune", "train", str(RECIPE), *args]
+        agents.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    s1, s2 = summary(single), summary(multi)
+    assert s1["global_step"] == s2["global_step"] == 3
+    assert abs(s1["train_loss"] - s2["train_loss"]) <= 0.02 * abs(s1["train_loss"]), (s1["train_loss"], s2["train_loss"])
+    a1, a2 = adapter(single), adapter(multi)
+    for k in a1:
+        diff = (a1[k].float() - a2[k].float()).norm() / max(a1[k].float().norm(), 1e-8)
+        assert diff < 0.02, (k, float(diff))
