@@ -145,3 +145,24 @@ def test_several_gpus_in_one_process_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun / accelerate each rank has its own GPU
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     check_device_support(load_config(None, []))
+
+
+def test_killed_cache_builds_are_cleaned(tmp_path):
+    import os
+    import time
+
+    from loratune.asr.features import clean_stale_builds
+
+    old = tmp_path / ".abc123.x1"
+    (old / "sub").mkdir(parents=True)
+    (old / "sub" / "train.arrow").write_bytes(b"x")
+    live = tmp_path / ".def456.x2"
+    live.mkdir()
+    (live / "train.arrow").write_bytes(b"x")
+    done = tmp_path / "abc123"
+    done.mkdir()
+    past = time.time() - 7 * 3600
+    for p in (old, old / "sub", old / "sub" / "train.arrow", done):
+        os.utime(p, (past, past))
+    assert clean_stale_builds(tmp_path) == 1
+    assert not old.exists() and live.exists() and done.exists()  # finished caches are not temp folders

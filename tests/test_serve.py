@@ -110,6 +110,7 @@ def test_bad_uploads_get_4xx_and_server_survives(tiny_server, hsk_dir):
         ("empty.wav", b"", 400, "empty"),
         ("notes.mp3", b"this is not audio at all" * 10, 415, "cannot decode"),
         ("silence.wav", wav_bytes(np.zeros(32000, np.float32)), 422, "silent"),
+        ("blip.wav", wav_bytes(0.1 * np.sin(np.arange(1600) / 7)), 422, "under the 0.3 s"),
         ("long.wav", wav_bytes(0.1 * np.sin(np.arange(25 * 16000) / 7)), 413, "20-s limit; cut it or raise serve.max_audio_seconds"),
         ("huge.wav", b"\0" * (3 * 1024 * 1024), 413, "MB"),
     ]

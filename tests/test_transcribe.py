@@ -140,6 +140,8 @@ def test_check_audio_limits():
         check_audio(np.zeros(0, np.float32), "t", 2.0)
     with pytest.raises(DataError, match="7200 s long.*raise transcribe.max_audio_seconds"):  # a 2-hour file, 1-hour limit
         check_audio(np.full(7200 * SR, 0.1, np.float32), "t", load_config().transcribe.max_audio_seconds)  # the default cap
+    with pytest.raises(DataError, match="0.10 s long, under the 0.3 s"):  # a blip Whisper would answer with a sentence
+        check_audio(tone[: SR // 10], "t", 2.0)
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ class UploadError(Exception):
         self.status = status
 
 
-STATUS = {"empty": 400, "too_long": 413, "silent": 422}
+STATUS = {"empty": 400, "too_long": 413, "too_short": 422, "silent": 422}
 
 
 def decode_upload(data: bytes, filename: str, max_seconds: float, min_rms: float):

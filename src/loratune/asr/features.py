@@ -243,6 +243,28 @@ def set_prefix_tokens(tokenizer, whisper_cfg) -> None:
     tokenizer.set_prefix_tokens(language=whisper_cfg.language, task=whisper_cfg.task, predict_timestamps=whisper_cfg.timestamps)
 
 
+STALE_BUILD_SECONDS = 6 * 3600
+
+
+def clean_stale_builds(root: Path, max_age: float = STALE_BUILD_SECONDS) -> int:
+    """Remove temp folders (``.<key>.*``) of cache builds that were killed: none has been touched for
+    ``max_age`` seconds (a live build writes its Arrow files continuously). Returns how many went."""
+    import time
+
+    gone = 0
+    for tmp in root.glob(".*"):
+        try:
+            idle = time.time() - max(p.stat().st_mtime for p in [tmp, *tmp.rglob("*")])
+        except (OSError, ValueError):
+            continue
+        if tmp.is_dir() and idle > max_age:
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone += 1
+    if gone:
+        log.info("removed %d temp folder(s) of killed feature-cache builds in %s", gone, root)
+    return gone
+
+
 def prepare_asr_data(cfg, processor, max_label_tokens: int = 448) -> ASRData:
     """Load, split, validate and featurise (or reuse the cache); see the module docstring."""
     from datasets import Dataset
@@ -267,6 +289,7 @@ def prepare_asr_data(cfg, processor, max_label_tokens: int = 448) -> ASRData:
     ids = {name: _tokenise_and_precheck(ds, processor.tokenizer, checker, max_label_tokens)
            for name, ds in (("train", train_raw), ("eval", eval_raw)) if ds is not None}
     root.mkdir(parents=True, exist_ok=True)
+    clean_stale_builds(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
         counts = {}

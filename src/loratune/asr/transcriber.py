@@ -29,14 +29,20 @@ FORMATS = ("txt", "srt", "vtt", "json")
 WINDOW_SECONDS = 30.0
 
 
+MIN_SECONDS = 0.3  # shorter than one spoken syllable plus its onset: a 0.1-s clip gave "你不想要我"
+
+
 def audio_problem(audio: np.ndarray, max_seconds: float, min_rms: float = 1e-4, limit_key: str = "transcribe.max_audio_seconds") -> Optional[tuple]:
-    """``(kind, message)`` for empty / too-long / silent audio (kind: ``empty``, ``too_long``,
-    ``silent``), None when the audio is usable. The service maps the kind to an HTTP status."""
+    """``(kind, message)`` for empty / too-long / too-short / silent audio (kind: ``empty``,
+    ``too_long``, ``too_short``, ``silent``), None when the audio is usable. The service maps the kind to an HTTP status."""
     seconds = len(audio) / SAMPLE_RATE
     if len(audio) == 0:
         return "empty", "audio decoded to zero samples"
     if seconds > max_seconds:
         return "too_long", f"audio is {seconds:.0f} s long, over the {max_seconds:.0f}-s limit; cut it or raise {limit_key}"
+    if seconds < MIN_SECONDS:  # Whisper answers such a blip with a confident made-up sentence
+        return "too_short", (f"audio is {seconds:.2f} s long, under the {MIN_SECONDS} s that can hold a word; "
+                             "nothing reliable to transcribe")
     rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
     if rms < min_rms:
         return "silent", f"audio is silent (RMS level {rms:.1e} < {min_rms:.0e}); nothing to transcribe"
