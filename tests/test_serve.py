@@ -193,3 +193,82 @@ def test_cli_serve_binds_localhost_by_default(monkeypatch):
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
     assert main(["serve", "model.name=anything", "serve.port=9123", "serve.host=0.0.0.0"]) == 0
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9123
+
+
+def test_chunked_upload_is_capped_while_reading_and_nul_names_are_400(tiny_server):
+    """A body without Content-Length is counted as it streams: 413 after ~the cap, not after spooling
+    it all; a NUL byte in the file name is a 400, not a 500."""
+    import httpx
+
+    url = f"{tiny_server.url}/api/transcribe"
+    sent = {"bytes": 0}
+    boundary = "loratuneboundary"
+
+    def body():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        chunk = b"\0" * (256 * 1024)
+        for _ in range(200):  # 50 MB offered, 2 MB allowed
+            sent["bytes"] += len(chunk)
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = httpx.post(url, content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+    assert r.status_code == 413 and "MB limit" in r.json()["detail"]
+    raw = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\x00b.wav\"\r\n"
+           "Content-Type: audio/wav\r\n\r\n").encode() + wav_bytes(0.1 * np.sin(np.arange(16000) / 7)) + f"\r\n--{boundary}--\r\n".encode()
+    r = httpx.post(url, content=raw, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+    assert r.status_code == 400 and "NUL" in r.json()["detail"], r.text
+    assert httpx.get(f"{tiny_server.url}/api/health", timeout=10).status_code == 200  # still up
+
+
+def test_token_is_required_beyond_loopback_and_checked(tmp_path, monkeypatch):
+    import httpx
+
+    from loratune.errors import ConfigError
+    from loratune.serve import check_exposure
+
+    monkeypatch.delenv("LORATUNE_SERVE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="serve.host=0.0.0.0 exposes the service.*serve.token"):
+        check_exposure(ServeSection(host="0.0.0.0"))
+    check_exposure(ServeSection(host="0.0.0.0", token="s3cret"))
+    check_exposure(ServeSection())  # loopback needs none
+    base = make_tiny_whisper(tmp_path / "whisper")
+    with _serve(str(base), token="s3cret") as srv:
+        url = f"{srv.url}/api/transcribe"
+        clip = ("a.wav", wav_bytes(0.1 * np.sin(np.arange(16000) / 7)), "audio/wav")
+        assert httpx.post(url, files={"file": clip}, timeout=60).status_code == 401
+        assert httpx.post(url, files={"file": clip}, headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 401
+        assert httpx.post(url, files={"file": clip}, headers={"Authorization": "Bearer s3cret"}, timeout=60).status_code == 200
+        page = httpx.get(srv.url, timeout=10)
+        assert page.status_code == 200 and 'id="tokenrow" style="display:flex"' in page.text
+
+
+def test_cap_body_stops_reading_at_the_limit():
+    """The ASGI layer under the 413 above: the app below sees no byte past the cap (the client may
+    still send the rest; the server neither reads nor spools it)."""
+    from starlette.exceptions import HTTPException
+
+    from loratune.serve import CapBody
+
+    chunks = [{"type": "http.request", "body": b"x" * 1000, "more_body": True} for _ in range(100)]
+    pulled = []
+
+    async def receive():
+        msg = chunks[len(pulled)]
+        pulled.append(msg)
+        return msg
+
+    async def app(scope, recv, send):
+        while True:
+            await recv()
+
+    async def run():
+        with pytest.raises(HTTPException) as info:
+            await CapBody(app, max_bytes=5500, limit_mb=0.005)({"type": "http", "path": "/api/transcribe"}, receive, None)
+        return info.value
+
+    import asyncio
+
+    exc = asyncio.run(run())
+    assert exc.status_code == 413 and len(pulled) == 6  # 6,000 bytes read: stopped at the first chunk past 5,500

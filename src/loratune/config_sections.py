@@ -401,6 +401,9 @@ class ServeSection:
     """Requests decoded together."""
     batch_wait_ms: int = 50
     """How long the first request of a batch waits for others to join it."""
+    token: Optional[str] = None
+    """API token: requests to /api/* need ``Authorization: Bearer TOKEN`` (401 otherwise); also read
+    from ``LORATUNE_SERVE_TOKEN``. Required when ``host`` is not a loopback address."""
 
 
 @dataclass

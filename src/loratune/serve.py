@@ -8,11 +8,13 @@ An HTTP transcription service (FastAPI + uvicorn) around one loaded Whisper (+ a
 * ``GET /`` — a small web page: pick or record audio, get the transcript.
 * ``POST /api/transcribe`` — multipart field ``file``; answers ``{"text", "language", "duration",
   "segments": [{"start", "end", "text"}], ...}``. Errors are 4xx with ``{"detail": message}``:
-  400 empty upload, 413 over ``serve.max_upload_mb`` or ``serve.max_audio_seconds``, 415 not
-  decodable audio, 422 silent audio. A bad request never takes the server down.
+  400 empty upload or a NUL byte in the file name, 401 without the token (when ``serve.token`` /
+  ``LORATUNE_SERVE_TOKEN`` is set), 413 over ``serve.max_upload_mb`` (counted while the body streams
+  in, so a chunked upload is never spooled whole) or ``serve.max_audio_seconds``, 415 not decodable
+  audio, 422 silent audio or a clip under 0.3 s. A bad request never takes the server down.
 * ``GET /api/health`` — status and batching counters; ``GET /docs`` / ``/openapi.json`` — the API.
 
-Binds 127.0.0.1 unless ``serve.host`` says otherwise. Requests that arrive together are decoded
+Binds 127.0.0.1 unless ``serve.host`` says otherwise; any other address needs a token. Requests that arrive together are decoded
 together: a single worker takes the first queued request, waits up to ``serve.batch_wait_ms`` for
 up to ``serve.batch_size - 1`` more, and runs one batched ``generate`` in a thread, so the event
 loop keeps accepting uploads meanwhile.
@@ -21,6 +23,7 @@ loop keeps accepting uploads meanwhile.
 # classes imported inside create_app (lazy imports keep `loratune --help` fast)
 
 import asyncio
+import hmac
 import logging
 import os
 import tempfile
@@ -47,6 +50,7 @@ PAGE = """<!doctype html>
 </style></head><body>
 <h1>loratune &middot; speech to text</h1>
 <p><small>model: <code>__MODEL__</code> &middot; up to __MAXMB__ MB / __MAXS__ s per file &middot; <a href="/docs">API</a></small></p>
+<div class="row" id="tokenrow" style="display:__TOKEN_UI__"><label>API token <input id="token" type="password" autocomplete="off"></label></div>
 <form id="form" class="row">
  <input id="file" name="file" type="file" accept="audio/*,.wav,.flac,.mp3,.ogg,.m4a,.webm">
  <button id="send" type="submit">Transcribe</button>
@@ -62,7 +66,8 @@ async function send(blob, name) {
   const fd = new FormData(); fd.append('file', blob, name);
   const t0 = performance.now();
   try {
-    const r = await fetch('/api/transcribe', {method: 'POST', body: fd});
+    const tok = document.getElementById('token').value;
+    const r = await fetch('/api/transcribe', {method: 'POST', body: fd, headers: tok ? {'Authorization': 'Bearer ' + tok} : {}});
     const j = await r.json();
     if (!r.ok) { out.classList.add('err'); out.textContent = 'Error ' + r.status + ': ' + j.detail; status.textContent = ''; return; }
     out.textContent = j.text || '(no speech recognised)';
@@ -135,6 +140,32 @@ class Batcher:
                     fut.set_result(res)
 
 
+class CapBody:
+    """ASGI middleware: count the request body of ``/api/transcribe`` as it streams in and stop at
+    ``max_bytes`` with a 413, so a chunked upload without Content-Length is never spooled whole."""
+
+    def __init__(self, app, max_bytes: int, limit_mb: float):
+        self.app, self.max_bytes, self.limit_mb = app, max_bytes, limit_mb
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != "/api/transcribe":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        seen = 0
+
+        async def capped():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI turns this into the 413 response
+                    raise HTTPException(413, f"upload is over the {self.limit_mb:g}-MB limit")
+            return message
+
+        await self.app(scope, capped, send)
+
+
 class UploadError(Exception):
     """An upload the service refuses: HTTP ``status`` and a one-line message."""
 
@@ -152,7 +183,7 @@ def decode_upload(data: bytes, filename: str, max_seconds: float, min_rms: float
     from loratune.core.audio import load_audio
 
     name = filename or "upload"
-    suffix = Path(name).suffix[:10] or ".bin"
+    suffix = "".join(c for c in Path(name).suffix[:10] if c.isalnum() or c == ".") or ".bin"
     fd, tmp = tempfile.mkstemp(suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -177,6 +208,7 @@ def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float =
     from fastapi.responses import HTMLResponse, JSONResponse
 
     max_bytes = int(opts.max_upload_mb * 1024 * 1024)
+    token = opts.token or os.environ.get("LORATUNE_SERVE_TOKEN") or None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -192,6 +224,18 @@ def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float =
         lifespan=lifespan,
     )
 
+    app.add_middleware(CapBody, max_bytes=max_bytes + 64 * 1024, limit_mb=opts.max_upload_mb)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        # /api/* needs the token when one is set; the page itself is public (it asks for the token)
+        if token and request.url.path.startswith("/api/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse({"detail": "missing or wrong API token: send Authorization: Bearer <token>"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     @app.middleware("http")
     async def cap_upload_size(request: Request, call_next):
         # refuse big uploads from the header, before the multipart body is read at all
@@ -203,7 +247,7 @@ def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float =
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
         return (PAGE.replace("__MODEL__", model_label).replace("__MAXMB__", f"{opts.max_upload_mb:g}")
-                .replace("__MAXS__", f"{opts.max_audio_seconds:g}"))
+                .replace("__MAXS__", f"{opts.max_audio_seconds:g}").replace("__TOKEN_UI__", "flex" if token else "none"))
 
     @app.get("/api/health", summary="Service status and batching counters")
     async def health() -> dict:
@@ -217,6 +261,8 @@ def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float =
                    415: {"description": "not decodable audio"}, 422: {"description": "silent audio"}},
     )
     async def transcribe(file: UploadFile = File(..., description="audio: wav, flac, mp3, ogg, m4a, webm ...")) -> dict:
+        if "\x00" in (file.filename or ""):
+            raise HTTPException(400, "the upload's file name holds a NUL byte; rename the file")
         data = await file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload is over the {opts.max_upload_mb:g}-MB limit")
@@ -233,16 +279,27 @@ def create_app(transcriber, opts, model_label: str = "whisper", min_rms: float =
     return app
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(opts) -> None:
+    """Beyond loopback, a token is required (ConfigError before the model loads)."""
+    from loratune.errors import ConfigError
+
+    if opts.host not in LOOPBACK and not (opts.token or os.environ.get("LORATUNE_SERVE_TOKEN")):
+        raise ConfigError(f"serve.host={opts.host} exposes the service beyond this machine; set serve.token=... "
+                          "or LORATUNE_SERVE_TOKEN (clients send Authorization: Bearer <token>)")
+
+
 def main(inv) -> int:
     import uvicorn
 
     from loratune.asr.transcriber import Transcriber
 
     cfg = inv.config()
+    check_exposure(cfg.serve)  # before the model loads
     transcriber = Transcriber.from_config(cfg)
     label = cfg.model.name + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
-    if cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serve.host=%s exposes the service beyond this machine; it has no authentication", cfg.serve.host)
     app = create_app(transcriber, cfg.serve, label, cfg.transcribe.min_rms)
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
     return 0
