@@ -166,3 +166,33 @@ def test_killed_cache_builds_are_cleaned(tmp_path):
         os.utime(p, (past, past))
     assert clean_stale_builds(tmp_path) == 1
     assert not old.exists() and live.exists() and done.exists()  # finished caches are not temp folders
+
+
+def test_messages_blame_the_right_place(tmp_path):
+    bad_yaml = tmp_path / "r.yaml"
+    bad_yaml.write_text("task: asr\nmodel:\n  name: [x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad_yaml)
+    assert str(info.value).startswith(f"{bad_yaml} line 4 column 1: not valid YAML (") and "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"^command line: config key 'train.bogus'"):
+        load_config(RECIPE, ["train.bogus=1"])
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("train:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{unknown}: config key 'train.bogus'"):
+        load_config(unknown, ["train.epochs=1"])
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("ID,sentence\n")
+    from loratune.asr.sources import load_raw_splits
+
+    with pytest.raises(DataError, match=r"h.csv: no data rows \(only a header\?\)"):
+        load_raw_splits(load_config(None, [f"data.csv={header_only}"]).data)
+
+
+def test_skip_mode_messages_drop_the_skip_advice():
+    from loratune.asr.features import _Checker
+
+    c = _Checker(load_config(None, []).data, skip=True)
+    c.bad("missing audio", "x.csv line 3 (a.wav): audio file not found; check data.audio_dir or set data.skip_bad_rows=true")
+    c.bad("unreadable audio", "x.csv line 4: cannot decode; or set data.skip_bad_rows=true")
+    assert c.first == {"missing audio": "x.csv line 3 (a.wav): audio file not found; check data.audio_dir",
+                       "unreadable audio": "x.csv line 4: cannot decode"}

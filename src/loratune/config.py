@@ -76,21 +76,30 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Li
             raise ConfigError(f"{p}: config file not found; pass a YAML from configs/ or omit it")
         try:
             layers.append(OmegaConf.load(p))
-        except Exception as exc:  # yaml.YAMLError and friends
-            raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__}: {exc}); fix the file") from exc
+        except Exception as exc:  # yaml.YAMLError and friends: one line, where and what
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{p}{where}: not valid YAML ({what}); fix the file") from exc
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=2)")
-    try:
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
+
+    def fail(exc, where: str):
         key = getattr(exc, "full_key", None) or ""
         msg = str(exc).splitlines()[0]
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}config key {key!r}: {msg}; see `loratune train --help` for valid keys") from exc
+        return ConfigError(f"{where}: config key {key!r}: {msg}; see `loratune train --help` for valid keys")
+
+    try:  # the recipe alone first, so a bad key is blamed on the file or on the command line, not both
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        raise fail(exc, str(path)) from exc
+    try:
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise fail(exc, "command line" if overrides else str(path)) from exc
     validate(cfg)
     return cfg
 

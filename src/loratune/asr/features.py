@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -65,7 +66,8 @@ class _Checker:
         if not self.skip:
             raise DataError(msg)
         self.skipped[reason] += 1
-        self.first.setdefault(reason, msg)
+        # skipping already: the advice to set data.skip_bad_rows=true would only confuse
+        self.first.setdefault(reason, re.sub(r"[;,]?\s*(or )?set data\.skip_bad_rows=true", "", msg))
 
 
 def _tokenise_and_precheck(ds, tokenizer, checker: _Checker, max_label_tokens: int) -> Dict[int, List[int]]:

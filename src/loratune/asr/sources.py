@@ -204,6 +204,8 @@ def load_raw_splits(data):
     train = _subset(train, data.max_train_samples, data.seed)
     ev = _subset(ev, data.max_eval_samples, data.seed) if ev is not None else None
     if len(train) == 0:
+        if data.csv and not len(_csv_dataset(data)):
+            raise DataError(f"{data.csv}: no data rows (only a header?); add rows of {data.id_column},{data.text_column}")
         raise DataError(f"no training rows (split {data.train_split!r} of column {data.split_column!r} is empty?); check data.train_split / the data source")
     return train, (ev if ev is not None and len(ev) else None)
 
