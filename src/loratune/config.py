@@ -94,6 +94,14 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Li
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
         raise fail(exc, str(path)) from exc
+    for item in overrides or []:  # a value YAML cannot read (`train.epochs=[`) is named, not a traceback
+        try:
+            OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException:
+            pass  # reported with its key below
+        except Exception as exc:  # yaml errors
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({what}); quote it or fix it") from exc
     try:
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))

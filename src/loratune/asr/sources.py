@@ -63,7 +63,7 @@ def read_csv_table(data) -> Tuple[List[Dict[str, str]], Path]:
     header = [data.rename.get(h, h) for h in (reader.fieldnames or [])]
     for col, key in ((data.id_column, "data.id_column"), (data.text_column, "data.text_column")):
         if col not in header:
-            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(header) or 'none'}); set {key}=<name> or rename it in the file")
+            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(h.encode('unicode_escape').decode() for h in header) or 'none'}); set {key}=<name> or rename it in the file")
     rows = []
     for row in reader:
         rows.append({data.rename.get(k, k): (v or "") for k, v in row.items() if k is not None})
@@ -125,7 +125,7 @@ def _normalise(ds, data, origin: str):
         ds = ds.remove_columns([c for c in data.remove_columns if c in ds.column_names])
     for col, key in ((data.audio_column, "data.audio_column"), (data.text_column, "data.text_column")):
         if col not in ds.column_names:
-            raise DataError(f"{origin}: no column {col!r} (columns: {', '.join(ds.column_names)}); set {key}=<name> or data.rename")
+            raise DataError(f"{origin}: no column {col!r} (columns: {', '.join(c.encode('unicode_escape').decode() for c in ds.column_names)}); set {key}=<name> or data.rename")
     # Decoding goes through PyAV (loratune.core.audio) at 16 kHz, so the cast only records the rate
     # and keeps the encoded bytes; it avoids the datasets audio back-end dependency.
     ds = ds.cast_column(data.audio_column, Audio(sampling_rate=SAMPLE_RATE, decode=False))
