@@ -196,3 +196,16 @@ def test_skip_mode_messages_drop_the_skip_advice():
     c.bad("unreadable audio", "x.csv line 4: cannot decode; or set data.skip_bad_rows=true")
     assert c.first == {"missing audio": "x.csv line 3 (a.wav): audio file not found; check data.audio_dir",
                        "unreadable audio": "x.csv line 4: cannot decode"}
+
+
+@pytest.mark.parametrize("targets", ["[layer_norm]", "[encoder]", "[q_proj,self_attn_layer_norm]"])
+def test_lora_targets_must_be_linear_layers(tiny, targets):
+    from transformers import WhisperForConditionalGeneration
+
+    from loratune.core.adapters import check_target_modules
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny)
+    cfg = load_config(None, [f"lora.target_modules={targets}"])
+    with pytest.raises(ConfigError, match=r"are not linear layers in WhisperForConditionalGeneration; LoRA adapts these: .*q_proj"):
+        check_target_modules(model, cfg.lora.target_modules)
+    check_target_modules(model, ["q_proj", "fc1"])

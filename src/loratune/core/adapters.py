@@ -86,6 +86,13 @@ def check_target_modules(model: torch.nn.Module, targets: List[str]) -> None:
             f"lora.target_modules {missing} match nothing in {type(model).__name__}; "
             f"its linear layers are: {', '.join(linear_module_names(model))}"
         )
+    linear = set(linear_module_names(model))
+    not_linear = [t for t in targets if t != "all-linear" and t not in linear]
+    if not_linear:  # a norm, an embedding or a whole block: LoRA adapts linear layers only
+        raise ConfigError(
+            f"lora.target_modules {not_linear} are not linear layers in {type(model).__name__}; "
+            f"LoRA adapts these: {', '.join(sorted(linear))}"
+        )
 
 
 def peft_base(model: torch.nn.Module) -> torch.nn.Module:
