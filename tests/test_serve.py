@@ -191,7 +191,9 @@ def test_cli_serve_binds_localhost_by_default(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
     assert main(["serve", "model.name=anything"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
-    assert main(["serve", "model.name=anything", "serve.port=9123", "serve.host=0.0.0.0"]) == 0
+    monkeypatch.delenv("LORATUNE_SERVE_TOKEN", raising=False)
+    assert main(["serve", "model.name=anything", "serve.port=9123", "serve.host=0.0.0.0"]) == 2  # beyond loopback: token needed
+    assert main(["serve", "model.name=anything", "serve.port=9123", "serve.host=0.0.0.0", "serve.token=t0k"]) == 0
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9123
 
 
