@@ -172,3 +172,19 @@ def test_one_cache_root(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "xdg" / "loratune" and default_cache_dir() == cache_root() / "features"
     monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "lt"))
     assert cache_root() == tmp_path / "lt" and default_cache_dir() == Path(tmp_path / "lt" / "features")
+
+
+@pytest.mark.parametrize("task", ["asr", "sft"])
+def test_one_rename_rule_for_both_wings(task, tmp_path):
+    """A data.rename of a column the table lacks: ASR ignored it, SFT stopped; both stop now."""
+    from loratune.errors import DataError
+
+    path = tmp_path / "t.csv"
+    path.write_text("ID,sentence,split\na.wav,你好,train\nb.wav,再见,dev\n", encoding="utf-8")
+    cfg = load_config(None, [f"task={task}", f"data.csv={path}", "data.rename={nope: prompt}"])
+    if task == "asr":
+        from loratune.asr.sources import load_raw_splits as load
+    else:
+        from loratune.llm.data import split_train_eval as load
+    with pytest.raises(DataError, match=r"data.rename names \['nope'\] but .*columns are \['ID', 'sentence', 'split'\]"):
+        load(cfg.data)

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from loratune.core.audio import SAMPLE_RATE, load_audio
+from loratune.core.tables import adapt_columns, subset
 from loratune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ def read_csv_table(data) -> Tuple[List[Dict[str, str]], Path]:
             f"e.g. `iconv -f GBK -t UTF-8 {path.name} > fixed.csv`"
         ) from exc
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [old for old in data.rename if old not in (reader.fieldnames or [])]
+    if missing:  # the rule of core.tables.adapt_columns, applied to the header
+        raise DataError(f"data.rename names {missing} but {path}'s columns are {list(reader.fieldnames or [])}; fix data.rename")
     header = [data.rename.get(h, h) for h in (reader.fieldnames or [])]
     for col, key in ((data.id_column, "data.id_column"), (data.text_column, "data.text_column")):
         if col not in header:
@@ -119,10 +123,7 @@ def _normalise(ds, data, origin: str):
     """Rename/drop columns, check the audio and text columns, keep only what training uses."""
     from datasets import Audio
 
-    if data.rename:
-        ds = ds.rename_columns({k: v for k, v in data.rename.items() if k in ds.column_names})
-    if data.remove_columns:
-        ds = ds.remove_columns([c for c in data.remove_columns if c in ds.column_names])
+    ds = adapt_columns(ds, data, origin)  # the one rename/remove rule of both wings (core.tables)
     for col, key in ((data.audio_column, "data.audio_column"), (data.text_column, "data.text_column")):
         if col not in ds.column_names:
             raise DataError(f"{origin}: no column {col!r} (columns: {', '.join(c.encode('unicode_escape').decode() for c in ds.column_names)}); set {key}=<name> or data.rename")
@@ -201,19 +202,13 @@ def load_raw_splits(data):
         ev = hub_split(data.eval_split) if data.eval_split else None
         if ev is None:
             train, ev = _split_table(train.remove_columns([c for c in [data.split_column] if c in train.column_names]), data)
-    train = _subset(train, data.max_train_samples, data.seed)
-    ev = _subset(ev, data.max_eval_samples, data.seed) if ev is not None else None
+    train = subset(train, data.max_train_samples, data.seed)
+    ev = subset(ev, data.max_eval_samples, data.seed) if ev is not None else None
     if len(train) == 0:
         if data.csv and not len(_csv_dataset(data)):
             raise DataError(f"{data.csv}: no data rows (only a header?); add rows of {data.id_column},{data.text_column}")
         raise DataError(f"no training rows (split {data.train_split!r} of column {data.split_column!r} is empty?); check data.train_split / the data source")
     return train, (ev if ev is not None and len(ev) else None)
-
-
-def _subset(ds, n: Optional[int], seed: int):
-    if n is None or n >= len(ds):
-        return ds
-    return ds.shuffle(seed=seed).select(range(n))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from loratune.config import DataSection, RunConfig, SFTSection
+from loratune.core.tables import adapt_columns, subset
 from loratune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -86,24 +87,6 @@ def load_raw(data: DataSection):
                         "check the id/path, or save it with save_to_disk and use data.disk") from exc
 
 
-def _adapt_columns(ds, data: DataSection):
-    missing = [old for old in data.rename if old not in ds.column_names]
-    if missing:
-        raise DataError(f"data.rename names {missing} but the data's columns are {ds.column_names}; fix data.rename")
-    if data.rename:
-        ds = ds.rename_columns(dict(data.rename))
-    drop = [c for c in data.remove_columns if c in ds.column_names]
-    if len(drop) < len(data.remove_columns):
-        log.warning("data.remove_columns: %s not present (columns: %s)", sorted(set(data.remove_columns) - set(drop)), ds.column_names)
-    return ds.remove_columns(drop) if drop else ds
-
-
-def _subset(ds, n: Optional[int], seed: int):
-    if n is None or n >= len(ds):
-        return ds
-    return ds.shuffle(seed=seed).select(range(n))
-
-
 def _select_split(table, name: str, data: DataSection):
     """Rows of split ``name`` (``a+b`` joins) from a DatasetDict or a table with a split column."""
     from datasets import DatasetDict, concatenate_datasets
@@ -133,10 +116,10 @@ def split_train_eval(data: DataSection):
 
     raw = load_raw(data)
     if isinstance(raw, DatasetDict):
-        raw = DatasetDict({k: _adapt_columns(v, data) for k, v in raw.items()})
+        raw = DatasetDict({k: adapt_columns(v, data) for k, v in raw.items()})
         has_split_col = False
     else:
-        raw = _adapt_columns(raw, data)
+        raw = adapt_columns(raw, data)
         has_split_col = data.split_column in raw.column_names
     if isinstance(raw, DatasetDict) or has_split_col:
         train = _select_split(raw, data.train_split, data)
@@ -149,7 +132,7 @@ def split_train_eval(data: DataSection):
     if evald is None:
         parts = train.train_test_split(test_size=data.eval_ratio, seed=data.seed)
         train, evald = parts["train"], parts["test"]
-    return _subset(train, data.max_train_samples, data.seed), _subset(evald, data.max_eval_samples, data.seed)
+    return subset(train, data.max_train_samples, data.seed), subset(evald, data.max_eval_samples, data.seed)
 
 
 # --------------------------------------------------------------------------------------------
