@@ -166,7 +166,9 @@ def save_final(trainer, processor, out: Path, base_id: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final.tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)  # PEFT: the adapter only
+        # PEFT: the adapter only. save_embedding_layers=False: loratune never adapts embeddings, and
+        # PEFT's "auto" check would fetch the base's config by its public id (a warning offline)
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         processor.save_pretrained(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == "adapter_model.safetensors")
