@@ -274,3 +274,42 @@ def test_cap_body_stops_reading_at_the_limit():
 
     exc = asyncio.run(run())
     assert exc.status_code == 413 and len(pulled) == 6  # 6,000 bytes read: stopped at the first chunk past 5,500
+
+
+def test_short_clips_do_not_wait_behind_a_long_file(tmp_path):
+    """A 120-s file (made slow here: 3 s) and a 1.6-s clip sent just after it: the clip's answer comes
+    back while the long file is still being decoded (it used to share the long file's batch)."""
+    import threading
+    import time
+
+    import httpx
+
+    base = make_tiny_whisper(tmp_path / "whisper")
+    cfg = load_config(None, [f"model.name={base}", "whisper.language=zh"])
+    tr = Transcriber.from_config(cfg)
+
+    def slow_for_long(audios):
+        if any(len(a) > 30 * 16000 for a in audios):
+            time.sleep(3.0)
+        return tr(audios, max_new_tokens=4)
+
+    section = ServeSection(max_upload_mb=20.0, max_audio_seconds=200.0, batch_size=8, batch_wait_ms=300)
+    done = {}
+    with Server(create_app(slow_for_long, section, "tiny")) as srv:
+        url = f"{srv.url}/api/transcribe"
+        long = wav_bytes(0.1 * np.sin(np.arange(120 * 16000) / 7))
+        short = wav_bytes(0.1 * np.sin(np.arange(int(1.6 * 16000)) / 5))
+
+        def post(name, data):
+            r = httpx.post(url, files={"file": (name, data, "audio/wav")}, timeout=60)
+            done[name] = (time.monotonic(), r.status_code)
+
+        t = threading.Thread(target=post, args=("long.wav", long))
+        t.start()
+        time.sleep(0.5)
+        sent = time.monotonic()
+        post("short.wav", short)
+        t.join()
+    assert done["long.wav"][1] == done["short.wav"][1] == 200
+    assert done["short.wav"][0] < done["long.wav"][0]
+    assert done["short.wav"][0] - sent < 2.5  # not the long file's 3 s

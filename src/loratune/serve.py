@@ -15,9 +15,10 @@ An HTTP transcription service (FastAPI + uvicorn) around one loaded Whisper (+ a
 * ``GET /api/health`` — status and batching counters; ``GET /docs`` / ``/openapi.json`` — the API.
 
 Binds 127.0.0.1 unless ``serve.host`` says otherwise; any other address needs a token. Requests that arrive together are decoded
-together: a single worker takes the first queued request, waits up to ``serve.batch_wait_ms`` for
+together: a worker takes the first queued request, waits up to ``serve.batch_wait_ms`` for
 up to ``serve.batch_size - 1`` more, and runs one batched ``generate`` in a thread, so the event
-loop keeps accepting uploads meanwhile.
+loop keeps accepting uploads meanwhile. Files over 30 s (Whisper's sequential long-form loop) have a
+queue and worker of their own, so a short clip never waits behind a long file.
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations, which name
 # classes imported inside create_app (lazy imports keep `loratune --help` fast)
@@ -97,31 +98,41 @@ document.getElementById('record').addEventListener('click', async ev => {
 """
 
 
+LONG_SECONDS = 30.0  # Whisper's window: longer files are decoded window by window
+
+
 class Batcher:
     """Collects concurrent requests into batches for one model worker."""
 
     def __init__(self, transcriber, batch_size: int, wait_ms: int):
         self.transcriber, self.batch_size, self.wait = transcriber, max(1, batch_size), wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.long_queue: asyncio.Queue = asyncio.Queue()
         self.batches = 0
         self.max_batch = 0
         self.requests = 0
 
     async def submit(self, audio):
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((audio, fut))
+        # files over one 30-s window go through the sequential long-form loop: they get their own
+        # queue and worker, so a short clip never waits behind a long file (only beside it)
+        long = len(audio) > LONG_SECONDS * 16000
+        await (self.long_queue if long else self.queue).put((audio, fut))
         return await fut
 
     async def run(self) -> None:
+        await asyncio.gather(self._worker(self.queue, self.batch_size), self._worker(self.long_queue, 1))
+
+    async def _worker(self, queue: asyncio.Queue, batch_size: int) -> None:
         while True:
-            items = [await self.queue.get()]
+            items = [await queue.get()]
             deadline = time.monotonic() + self.wait
-            while len(items) < self.batch_size:
+            while len(items) < batch_size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
-                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
+                    items.append(await asyncio.wait_for(queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
             self.batches += 1
