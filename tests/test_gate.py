@@ -19,6 +19,8 @@ def test_loops_are_found_only_where_the_reference_has_none():
     assert not has_loop("你好你好", "你好")  # twice is speech, not a loop
     assert has_loop("which which which which", "which one", "wer")
     assert not has_loop("very very good", "very very good", "wer")
+    # the reference check works on words too (they were compared coded against plain text)
+    assert not has_loop("which which which which", "which which which which", "wer")
 
 
 def test_signals_on_scored_transcripts():

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Sequence
 
+from loratune.core.metrics import units
+
 # a unit run repeated back to back: (x){4,} for single units, (xy...){3,} for longer ones
 _LOOP_1 = re.compile(r"(.)\1{3,}")
 _LOOP_N = re.compile(r"(.{2,10}?)\1{2,}")
@@ -27,24 +29,18 @@ THRESHOLDS = ("cer", "wer", "insertion_rate", "loop_rate", "long_rate", "empty_r
               "long_form_cer_gap")
 
 
-def _units(text: str, metric: str) -> List[str]:
-    return list("".join(text.split())) if metric == "cer" else text.split()
-
-
-def _loops(units: Sequence[str]) -> List[str]:
-    # one character per unit (words mapped to private-use code points), so regexes see unit runs
-    table: Dict[str, str] = {}
-    coded = "".join(table.setdefault(u, chr(0xE000 + len(table))) if len(u) != 1 else u for u in units)
-    return [m.group(0) for rx in (_LOOP_1, _LOOP_N) for m in rx.finditer(coded)]
+def _coded(units: Sequence[str], table: Dict[str, str]) -> str:
+    """One character per unit (words become private-use code points, shared through ``table``),
+    so regexes see unit runs and a loop can be looked up in the equally coded reference."""
+    return "".join(table.setdefault(u, chr(0xE000 + len(table))) if len(u) != 1 else u for u in units)
 
 
 def has_loop(hyp_norm: str, ref_norm: str, metric: str = "cer") -> bool:
     """A repetition loop in the hypothesis that the reference does not contain."""
-    ref = "".join(_units(ref_norm, metric)) if metric == "cer" else " ".join(_units(ref_norm, metric))
-    for loop in _loops(_units(hyp_norm, metric)):
-        if loop not in ref:
-            return True
-    return False
+    table: Dict[str, str] = {}
+    hyp = _coded(units(hyp_norm, metric), table)
+    ref = _coded(units(ref_norm, metric), table)
+    return any(m.group(0) not in ref for rx in (_LOOP_1, _LOOP_N) for m in rx.finditer(hyp))
 
 
 def hallucination_signals(items, metric: str = "cer") -> Dict[str, float]:
@@ -52,8 +48,8 @@ def hallucination_signals(items, metric: str = "cer") -> Dict[str, float]:
     n = max(len(items), 1)
     ref_units = sum(s.counts.ref_len for s in items)
     loops = sum(has_loop(s.hypothesis_norm, s.reference_norm, metric) for s in items)
-    long = sum(1 for s in items if s.counts.ref_len and len(_units(s.hypothesis_norm, metric)) > 2 * s.counts.ref_len)
-    empty = sum(1 for s in items if s.counts.ref_len and not _units(s.hypothesis_norm, metric))
+    long = sum(1 for s in items if s.counts.ref_len and len(units(s.hypothesis_norm, metric)) > 2 * s.counts.ref_len)
+    empty = sum(1 for s in items if s.counts.ref_len and not units(s.hypothesis_norm, metric))
     return {
         "insertion_rate": round(sum(s.counts.insertions for s in items) / max(ref_units, 1), 6),
         "loop_rate": round(loops / n, 6),

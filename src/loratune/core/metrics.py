@@ -83,7 +83,8 @@ def metric_for(language: Optional[str], choice: str = "auto") -> str:
     return "cer" if language_code(language) in CER_LANGUAGES else "wer"
 
 
-def _units(normalised: str, metric: str) -> List[str]:
+def units(normalised: str, metric: str) -> List[str]:
+    """The units a rate counts: characters (whitespace ignored) for CER, words for WER."""
     return list("".join(normalised.split())) if metric == "cer" else normalised.split()
 
 
@@ -114,7 +115,7 @@ def edit_counts(ref_norm: str, hyp_norm: str, metric: str) -> EditCounts:
     """Alignment counts between two already-normalised strings, through jiwer."""
     import jiwer
 
-    ref_u, hyp_u = _units(ref_norm, metric), _units(hyp_norm, metric)
+    ref_u, hyp_u = units(ref_norm, metric), units(hyp_norm, metric)
     if not ref_u or not hyp_u:  # jiwer wants non-empty inputs; the alignment is trivial anyway
         return EditCounts(deletions=len(ref_u), insertions=len(hyp_u))
     # Join units with single spaces so jiwer's word alignment works for characters too.
