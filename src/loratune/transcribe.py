@@ -43,11 +43,13 @@ def output_stems(files: Sequence[Path], output_dir: Optional[str]) -> Dict[Path,
     ``a/x.wav`` and ``b/x.wav`` do not collide). Two inputs differing only in extension
     (``a.mp3``, ``a.wav``) keep it: ``a.mp3.txt``, ``a.wav.txt``."""
     import os
+    from collections import Counter
 
     files = [Path(f) for f in files]
     root = Path(os.path.commonpath([str(f.resolve().parent) for f in files])) if files else Path(".")
     base = {f: (Path(output_dir) / f.resolve().parent.relative_to(root) if output_dir else f.parent) / f.stem for f in files}
-    clashes = {b for b in base.values() if sum(1 for v in base.values() if v == b) > 1}
+    counts = Counter(base.values())
+    clashes = {b for b, n in counts.items() if n > 1}
     return {f: (b.with_name(f.name) if b in clashes else b) for f, b in base.items()}
 
 

@@ -88,7 +88,7 @@ def config_differences(old, new) -> List[str]:
 
 def _leftovers(out: Path) -> List[str]:
     found = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir())
-    return found + [f for f in FINAL_FILES[:1] if (out / f).exists()]
+    return found + (["adapter_model.safetensors"] if (out / "adapter_model.safetensors").exists() else [])
 
 
 def resume_checkpoint(cfg) -> Optional[Path]:
