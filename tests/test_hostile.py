@@ -192,10 +192,13 @@ def test_skip_mode_messages_drop_the_skip_advice():
     from loratune.asr.features import _Checker
 
     c = _Checker(load_config(None, []).data, skip=True)
-    c.bad("missing audio", "x.csv line 3 (a.wav): audio file not found; check data.audio_dir or set data.skip_bad_rows=true")
-    c.bad("unreadable audio", "x.csv line 4: cannot decode; or set data.skip_bad_rows=true")
+    c.bad("missing audio", "x.csv line 3 (a.wav): audio file not found; check data.audio_dir")
+    c.bad("unreadable audio", "x.csv line 4: cannot decode; replace the file")
     assert c.first == {"missing audio": "x.csv line 3 (a.wav): audio file not found; check data.audio_dir",
-                       "unreadable audio": "x.csv line 4: cannot decode"}
+                       "unreadable audio": "x.csv line 4: cannot decode; replace the file"}
+    strict = _Checker(load_config(None, []).data, skip=False)
+    with pytest.raises(DataError, match=r"^x.csv line 3 \(a.wav\): audio file not found; check data.audio_dir or set data.skip_bad_rows=true$"):
+        strict.bad("missing audio", "x.csv line 3 (a.wav): audio file not found; check data.audio_dir")
 
 
 @pytest.mark.parametrize("targets", ["[layer_norm]", "[encoder]", "[q_proj,self_attn_layer_norm]"])

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections import Counter
@@ -63,11 +62,11 @@ class _Checker:
         self.first: Dict[str, str] = {}
 
     def bad(self, reason: str, msg: str) -> None:
+        """``msg`` names the row and the fix; the way out (skipping) is added only when it applies."""
         if not self.skip:
-            raise DataError(msg)
+            raise DataError(f"{msg} or set data.skip_bad_rows=true")
         self.skipped[reason] += 1
-        # skipping already: the advice to set data.skip_bad_rows=true would only confuse
-        self.first.setdefault(reason, re.sub(r"[;,]?\s*(or )?set data\.skip_bad_rows=true", "", msg))
+        self.first.setdefault(reason, msg)
 
 
 def _tokenise_and_precheck(ds, tokenizer, checker: _Checker, max_label_tokens: int) -> Dict[int, List[int]]:
@@ -81,16 +80,16 @@ def _tokenise_and_precheck(ds, tokenizer, checker: _Checker, max_label_tokens: i
     for i, (ref, audio, text, tok) in enumerate(zip(refs, audios, texts, ids)):
         where = _where(ref, audio)
         if not (text or "").strip():
-            checker.bad("empty transcript", f"{where}: empty transcript; fill in the text or set data.skip_bad_rows=true")
+            checker.bad("empty transcript", f"{where}: empty transcript; fill in the text")
         elif isinstance(audio, str) and not audio:
-            checker.bad("missing audio", f"{ref}: no audio file name; fill in the {checker.data.id_column} column or set data.skip_bad_rows=true")
+            checker.bad("missing audio", f"{ref}: no audio file name; fill in the {checker.data.id_column} column")
         elif isinstance(audio, str) and not os.path.isfile(audio):
-            checker.bad("missing audio", f"{where}: audio file not found; check data.audio_dir or set data.skip_bad_rows=true")
+            checker.bad("missing audio", f"{where}: audio file not found; check data.audio_dir")
         elif len(tok) > max_label_tokens:
             checker.bad(
                 "transcript too long",
                 f"{where}: transcript is {len(tok)} tokens, over Whisper's {max_label_tokens}-token decoder limit; "
-                "split the clip/text or set data.skip_bad_rows=true",
+                "split the clip/text",
             )
         else:
             ok[i] = tok
@@ -110,11 +109,11 @@ def _featurise(item: Tuple[str, Any]) -> Tuple[Optional[np.ndarray], int, Option
     try:
         audio = _decode(audio_value)
     except DataError as exc:
-        return None, 0, ("unreadable audio", f"{ref}: {exc}; or set data.skip_bad_rows=true")
+        return None, 0, ("unreadable audio", f"{ref}: {exc}; replace the file")
     seconds = len(audio) / SAMPLE_RATE
     if seconds > _WORKER["max_s"]:
         return None, 0, ("audio too long", f"{_where(ref, audio_value)}: clip is {seconds:.1f} s, longer than "
-                         f"data.max_audio_seconds={_WORKER['max_s']:g}; cut it or set data.skip_bad_rows=true")
+                         f"data.max_audio_seconds={_WORKER['max_s']:g}; cut it")
     mel = _WORKER["fe"](audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
     if _WORKER["trim"]:  # the clip's real length in frames, even (encoder stride 2), at most 30 s
         frames = min(FULL_FRAMES, 2 * math.ceil(max(1, math.ceil(len(audio) / HOP_LENGTH)) / 2))
