@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from loratune.config_sections import (  # noqa: F401  (re-exported: the sections are part of this API)
+    AugmentSection,
     ConvertSection,
     DataSection,
     EvalSection,
@@ -48,6 +49,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     whisper: WhisperSection = field(default_factory=WhisperSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
     sft: SFTSection = field(default_factory=SFTSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -120,6 +122,7 @@ _CHOICES = {
     "lora.bias": ("none", "all", "lora_only"),
     "lora.init": ("default", "gaussian", "pissa", "olora"),
     "whisper.task": ("transcribe", "translate"),
+    "data.features": ("log_mel", "audio"),
     "whisper.metric": ("auto", "cer", "wer"),
     "sft.template": ("auto", "chat", "instruction"),
     "sft.too_long": ("truncate", "drop"),
@@ -188,6 +191,8 @@ _NUMBERS = {
     "whisper.num_beams": (lambda v: v >= 1, "at least 1"),
     "whisper.mask_time_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "whisper.mask_feature_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "augment.gain_db": (lambda v: 0 <= v <= 40, "between 0 and 40 dB"),
+    "augment.noise_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 
 
@@ -203,6 +208,14 @@ def _check_numbers(cfg: RunConfig) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps}: must be a positive step count, or -1 to use train.epochs")
     if t.threads is not None and t.threads < 1:
         raise ConfigError(f"train.threads={t.threads}: must be at least 1 (or null for PyTorch's default)")
+    bad_speed = [s for s in cfg.augment.speeds if not 0.5 <= s <= 2.0]
+    if bad_speed:
+        raise ConfigError(f"augment.speeds={list(cfg.augment.speeds)}: factors must lie in [0.5, 2.0], e.g. [0.9, 1.0, 1.1]")
+    augmenting = bool(cfg.augment.speeds and set(cfg.augment.speeds) != {1.0}) or cfg.augment.gain_db > 0 \
+        or cfg.augment.noise_snr_db is not None
+    if augmenting and cfg.task == "asr" and cfg.data.features != "audio":
+        raise ConfigError("augment.* changes the audio every epoch, which cached log-mels cannot show: "
+                          "set data.features=audio (the cache then holds decoded audio)")
     if cfg.task == "asr" and cfg.data.max_audio_seconds > 30:
         raise ConfigError(f"data.max_audio_seconds={cfg.data.max_audio_seconds:g}: Whisper trains on at most 30 s per example "
                           "(longer clips would be cut while their whole transcript is kept); set 30 or less, or split long clips")

@@ -126,6 +126,10 @@ class DataSection:
     """Where processed features are cached (default: ``~/.cache/loratune/features``)."""
     num_proc: int = 1
     """Parallel workers (threads) for audio decoding + feature extraction."""
+    features: str = "log_mel"
+    """ASR: what the cache holds. ``log_mel``: float32 log-mels, computed once; ``audio``: decoded
+    16-kHz int16 audio, log-mels computed per batch (needed by ``augment.*``; 128-mel models get a
+    cache under 1/4 the size in short-clip mode)."""
 
 
 @dataclass
@@ -165,6 +169,23 @@ class WhisperSection:
     (+4), so a clip cannot produce a transcript far longer than speech allows (null = off)."""
     metric: str = "auto"
     """``cer``, ``wer`` or ``auto`` (CER for zh/ja/ko/th/yue, else WER)."""
+
+
+@dataclass
+class AugmentSection:
+    """ASR training only: random audio changes drawn afresh for every example in every epoch
+    (needs ``data.features=audio``; evaluation data is never augmented)."""
+
+    speeds: List[float] = field(default_factory=list)
+    """Speed perturbation: each example plays at one of these factors, picked at random (tempo and
+    pitch change together, as sox ``speed``); the standard recipe is ``[0.9, 1.0, 1.1]``; [] = off."""
+    gain_db: float = 0.0
+    """Random volume change, uniform in +-gain_db decibels (0 = off)."""
+    noise_snr_db: Optional[float] = None
+    """Additive white noise at a signal-to-noise ratio drawn from [noise_snr_db, noise_snr_db + 20]
+    dB (null = off)."""
+    noise_prob: float = 0.5
+    """Share of examples that get noise when ``noise_snr_db`` is set."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ Examples::
 from __future__ import annotations
 
 # the config sections this verb reads: `loratune train --help` lists only these
-SECTIONS = ("task", "model", "quant", "lora", "data", "whisper", "sft", "train")
+SECTIONS = ("task", "model", "quant", "lora", "data", "whisper", "augment", "sft", "train")
 
 
 def main(inv) -> int:

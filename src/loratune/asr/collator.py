@@ -14,9 +14,17 @@
 
 ``frames_major=True`` accepts features stored as (frames, mels), the layout the feature cache uses
 (Arrow only allows the first dimension of a 2-D array to vary).
+
+Examples may instead carry ``audio`` (int16 or float32 samples at 16 kHz; ``data.features=audio``):
+the collator then computes their log-mels itself, per batch, with the model's feature extractor,
+after the optional :class:`~loratune.asr.augment.AudioAugment` for examples marked ``augment`` (the
+training rows), so every epoch sees a fresh augmented copy. The result equals the cached features of
+the same clip (``tests/test_augment.py``): each clip is padded with at least 400 zero samples, as it
+would be inside a 30-s window, before the STFT.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -64,13 +72,48 @@ class WhisperCollator:
     """Pad labels to a multiple of this many tokens: with compiled layers every new label length
     is a new shape to compile for, so 8 keeps the count of shapes (and recompilations) small."""
 
+    feature_extractor: Any = None
+    """Needed for examples that carry ``audio`` instead of ``input_features``."""
+    trim: bool = True
+    """Audio examples: cut each log-mel to the clip's real length (short-clip mode) instead of 30 s."""
+    augment: Any = None
+    """An ``AudioAugment`` applied to audio examples whose ``augment`` field is true."""
+
     def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        if "audio" in examples[0]:
+            return self._finish(self._log_mels(examples), examples)
         feats = []
         for ex in examples:
             f = np.asarray(ex["input_features"], dtype=np.float32)
             if f.ndim == 3:  # (1, mels, frames) straight from a feature extractor
                 f = f[0]
             feats.append(f.T if self.frames_major else f)
+        return self._finish(feats, examples)
+
+    def _log_mels(self, examples: List[Dict[str, Any]]) -> List[np.ndarray]:
+        """(mels, frames) log-mel of each example's audio, augmented where marked."""
+        if self.feature_extractor is None:
+            raise ValueError("WhisperCollator: examples carry audio but no feature_extractor was given")
+        rng = None
+        clips = []
+        for ex in examples:
+            a = np.asarray(ex["audio"])
+            a = a.astype(np.float32) / 32768.0 if a.dtype == np.int16 else a.astype(np.float32, copy=False)
+            if self.augment is not None and bool(ex.get("augment", False)):
+                if rng is None:  # drawn from torch's generator: seeded by the Trainer, distinct per worker
+                    rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+                a = self.augment(a, rng)
+            clips.append(a)
+        hop, full = self.feature_extractor.hop_length, self.feature_extractor.n_samples
+        frames = [min(full // hop, 2 * math.ceil(max(1, math.ceil(len(a) / hop)) / 2)) for a in clips]
+        # at least n_fft zero samples after every clip, as inside a 30-s window, so the last frames
+        # see silence (not the reflection the STFT would otherwise add) and match the cached features
+        length = min(full, max(frames) * hop + self.feature_extractor.n_fft) if self.trim else full
+        mel = self.feature_extractor([a[:length] for a in clips], sampling_rate=16_000, return_tensors="np",
+                                     padding="max_length", max_length=length).input_features
+        return [mel[i, :, :n] for i, n in enumerate(frames)] if self.trim else list(mel)
+
+    def _finish(self, feats: List[np.ndarray], examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         batch = {"input_features": torch.from_numpy(pad_features(feats, self.pad_to_multiple_of))}
         if "labels" in examples[0]:
             batch["labels"] = pad_labels([ex["labels"] for ex in examples], self.decoder_start_token_id, self.label_multiple)

@@ -14,6 +14,11 @@ row stops the run with one line, or with ``skip_bad_rows`` all bad rows are drop
 Features + token ids are written to ``cache_dir/<key>`` where the key hashes the selected rows
 (file sizes and mtimes included), the processor and the options that change the features, so a
 second run with the same inputs goes straight to training.
+
+What is cached (``data.features``): ``log_mel`` stores float32 log-mels (frames x mels; 32 KB per
+second of audio with 80 mels in short-clip mode, 0.96 MB per clip padded to 30 s); ``audio`` stores
+the decoded 16-kHz audio as int16 (32 KB per second, whatever the mel count or padding) and the
+collator computes log-mels per batch, which is what on-the-fly augmentation (``augment.*``) needs.
 """
 from __future__ import annotations
 
@@ -99,8 +104,8 @@ def _tokenise_and_precheck(ds, tokenizer, checker: _Checker, max_label_tokens: i
 _WORKER: Dict[str, Any] = {}  # settings of the current extraction, shared by its worker threads
 
 
-def _init_worker(feature_extractor, max_seconds: float, trim: bool) -> None:
-    _WORKER.update(fe=feature_extractor, max_s=max_seconds, trim=trim)
+def _init_worker(feature_extractor, max_seconds: float, trim: bool, audio_only: bool = False) -> None:
+    _WORKER.update(fe=feature_extractor, max_s=max_seconds, trim=trim, audio_only=audio_only)
 
 
 def _featurise(item: Tuple[str, Any]) -> Tuple[Optional[np.ndarray], int, Optional[Tuple[str, str]]]:
@@ -114,6 +119,8 @@ def _featurise(item: Tuple[str, Any]) -> Tuple[Optional[np.ndarray], int, Option
     if seconds > _WORKER["max_s"]:
         return None, 0, ("audio too long", f"{_where(ref, audio_value)}: clip is {seconds:.1f} s, longer than "
                          f"data.max_audio_seconds={_WORKER['max_s']:g}; cut it")
+    if _WORKER["audio_only"]:  # data.features=audio: log-mels come later, per batch (collator)
+        return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16), len(audio), None
     mel = _WORKER["fe"](audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
     if _WORKER["trim"]:  # the clip's real length in frames, even (encoder stride 2), at most 30 s
         frames = min(FULL_FRAMES, 2 * math.ceil(max(1, math.ceil(len(audio) / HOP_LENGTH)) / 2))
@@ -134,9 +141,10 @@ def _bounded_map(pool, fn, items, window: int):
 
 
 def _features(ds, token_ids: Dict[int, List[int]], feature_extractor, checker: _Checker, trim: bool, path: Path,
-              num_proc: int = 1, desc: str = "features") -> int:
-    """Decode + log-mel every row that passed the cheap checks (``num_proc`` worker threads);
-    stream them into an Arrow file at ``path``; returns the number of rows written."""
+              num_proc: int = 1, desc: str = "features", audio_only: bool = False) -> int:
+    """Decode + log-mel (or, ``audio_only``, just decode) every row that passed the cheap checks
+    (``num_proc`` worker threads); stream them into an Arrow file at ``path``; returns the number of
+    rows written."""
     from concurrent.futures import ThreadPoolExecutor
 
     from datasets import Array2D, Features, Value
@@ -145,7 +153,8 @@ def _features(ds, token_ids: Dict[int, List[int]], feature_extractor, checker: _
     from tqdm.auto import tqdm
 
     feats = Features({
-        "input_features": Array2D(shape=(None, feature_extractor.feature_size), dtype="float32"),  # frames-major: see collator
+        **({"audio": DList(Value("int16"))} if audio_only else
+           {"input_features": Array2D(shape=(None, feature_extractor.feature_size), dtype="float32")}),  # frames-major: see collator
         "labels": DList(Value("int32")),
         "input_length": Value("int32"),  # samples, for length-grouped batches
         "ref": Value("string"),
@@ -153,7 +162,7 @@ def _features(ds, token_ids: Dict[int, List[int]], feature_extractor, checker: _
     order = list(token_ids)
     refs = list(ds[REF])
     items = ((refs[i], ds[i][AUDIO]) for i in order)
-    _init_worker(feature_extractor, checker.data.max_audio_seconds, trim)
+    _init_worker(feature_extractor, checker.data.max_audio_seconds, trim, audio_only)
     pool = None
     if num_proc > 1:
         # Threads, not processes: FFmpeg decoding and numpy's FFT release the GIL, and a forked child
@@ -175,7 +184,8 @@ def _features(ds, token_ids: Dict[int, List[int]], feature_extractor, checker: _
                 if err is not None:
                     checker.bad(*err)  # raises unless bad rows are skipped
                     continue
-                writer.write({"input_features": mel, "labels": token_ids[i], "input_length": n, "ref": refs[i]})
+                writer.write({"audio" if audio_only else "input_features": mel, "labels": token_ids[i], "input_length": n,
+                              "ref": refs[i]})
                 written += 1
             writer.finalize()
     finally:
@@ -231,6 +241,8 @@ def cache_key(train, ev, processor, cfg, max_label_tokens: int) -> str:
         "processor": processor_key(processor),
         "opts": [d.max_audio_seconds, d.skip_bad_rows, w.language, w.task, w.timestamps, w.trim_audio, max_label_tokens],
     }
+    if d.features != "log_mel":  # (keys of log-mel caches built before this option stay valid)
+        relevant["features"] = d.features
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -297,9 +309,11 @@ def prepare_asr_data(cfg, processor, max_label_tokens: int = 448) -> ASRData:
         for name, ds in (("train", train_raw), ("eval", eval_raw)):
             if ds is None:
                 continue
-            log.info("extracting log-mel features of %d %s rows (once; cached under %s)", len(ds), name, target)
+            log.info("extracting %s of %d %s rows (once; cached under %s)", data.features, len(ds), name, target)
+            audio_only = data.features == "audio"
             counts[name] = _features(ds, ids[name], processor.feature_extractor, checker, cfg.whisper.trim_audio,
-                                     tmp / f"{name}.arrow", num_proc=data.num_proc, desc=f"log-mel features ({name})")
+                                     tmp / f"{name}.arrow", num_proc=data.num_proc, audio_only=audio_only,
+                                     desc=f"{'decoded audio' if audio_only else 'log-mel features'} ({name})")
         if counts["train"] == 0:
             raise DataError(f"no usable training rows left after validation ({_skip_text(checker.skipped)}); fix the data or the split options")
         meta = {

@@ -103,17 +103,24 @@ def _build_model(cfg):
 def _make_trainer(cfg, model, data: Prepared, callbacks):
     from transformers import Seq2SeqTrainer
 
+    from loratune.asr.augment import AudioAugment
     from loratune.asr.collator import WhisperCollator
 
     args = training_arguments(cfg, len(data.train), data.eval is not None)
+    augment = AudioAugment.from_config(cfg.augment, cfg.data.max_audio_seconds)
+    train = data.train
+    if augment is not None:  # the collator augments only rows marked so: evaluation data stays as it is
+        train = train.add_column("augment", [True] * len(train))
     return Seq2SeqTrainer(
         model=model,
         args=args,
-        train_dataset=data.train.with_format("numpy"),
+        train_dataset=train.with_format("numpy"),
         eval_dataset=data.eval.with_format("numpy") if data.eval is not None else None,
         data_collator=WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id, frames_major=True,
                                       pad_token_id=model.config.pad_token_id,
-                                      label_multiple=8 if cfg.train.compile_layers else 1),
+                                      label_multiple=8 if cfg.train.compile_layers else 1,
+                                      feature_extractor=data.processor.feature_extractor, trim=cfg.whisper.trim_audio,
+                                      augment=augment),
         compute_loss_func=functools.partial(token_mean_loss, label_smoothing=cfg.train.label_smoothing),
         processing_class=data.processor.feature_extractor,
         compute_metrics=compute_metrics_for(cfg, data.processor),
