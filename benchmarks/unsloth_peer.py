@@ -177,8 +177,8 @@ def main():
     ap = C.bench_parser(__doc__)
     ap.add_argument("--unsloth-path", default="", help="folder(s) put first on PYTHONPATH for the Unsloth rows")
     ap.add_argument("--row", default="", help="internal: run this one row in this process")
-    ap.add_argument("--json", default="unsloth_peer.json")
     args = ap.parse_args()
+    args.json = args.json or "unsloth_peer.json"
     if args.row:
         return side(args)
     info = C.start(args)
