@@ -76,7 +76,7 @@ def worker_rank_pid(marker: str, rank: int):
 
 def test_two_gloo_ranks_match_one_process(tiny, clips_csv, hsk_dir, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = ["train.max_steps=3", "train.eval_strategy=no"]
+    common = ["train.max_steps=3", "train.eval_strategy=no", "train.logging_steps=1"]
     r1 = loratune("train", str(RECIPE), *overrides(tiny, clips_csv, hsk_dir, single, 4, *common))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = loratune("train", str(RECIPE), *overrides(tiny, clips_csv, hsk_dir, ddp, 2, *common), gpus=2)
@@ -84,6 +84,10 @@ def test_two_gloo_ranks_match_one_process(tiny, clips_csv, hsk_dir, tmp_path):
     s1, s2 = summary(single), summary(ddp)
     assert s1["global_step"] == s2["global_step"] == 3
     assert abs(s1["train_loss"] - s2["train_loss"]) <= 0.02 * abs(s1["train_loss"]), (s1["train_loss"], s2["train_loss"])
+    # the loss curve, step by step (summary.json train_loss_log; benchmarks/recipe_trainer_e2e.py --loss-curve on GPUs)
+    assert [s for s, _ in s1["train_loss_log"]] == [s for s, _ in s2["train_loss_log"]] == [1, 2, 3]
+    for (step, l1), (_, l2) in zip(s1["train_loss_log"], s2["train_loss_log"]):
+        assert abs(l1 - l2) <= 0.02 * abs(l1), (step, l1, l2)
     a1, a2 = adapter(single), adapter(ddp)
     assert a1.keys() == a2.keys()
     for k in a1:

@@ -215,6 +215,8 @@ def _summary(cfg, trainer, result, prepared: Prepared, started: float, resumed_f
         "skipped_rows": sum(report.get("skipped", {}).values()),
         "skipped_by_reason": report.get("skipped", {}),
         "loss_per_epoch": epoch_losses(state.log_history),
+        # every logged training loss (train.logging_steps apart): compares runs step by step, e.g. 1 vs N GPUs
+        "train_loss_log": [[h["step"], h["loss"]] for h in state.log_history if "loss" in h and "step" in h],
         "speed": speed,
         **{k: v for k, v in report.items() if k not in ("train_rows", "eval_rows", "skipped")},
         **peak_memory_gb(),
