@@ -116,3 +116,13 @@ def test_tiny_whisper_trains_from_an_audio_cache_with_augmentation(tiny, hsk_csv
     (arrow,) = (tmp_path / "cache").glob("*/train.arrow")
     cached = Dataset.from_file(str(arrow))
     assert "audio" in cached.column_names and "input_features" not in cached.column_names
+    # what the Trainer hands the collator (Arrow's numpy view: int64 samples) gives the right log-mels
+    from transformers import WhisperFeatureExtractor
+
+    rows = cached.with_format("numpy")
+    assert rows[0]["audio"].dtype != np.int16  # the case that must still be read as 16-bit PCM
+    fe = WhisperFeatureExtractor.from_pretrained(tiny)
+    collate = WhisperCollator(frames_major=True, feature_extractor=fe, trim=True)
+    pcm = [np.asarray(cached[i]["audio"], dtype=np.int16) for i in range(2)]
+    direct = collate([{"audio": p.astype(np.float32) / 32768} for p in pcm])["input_features"]
+    torch.testing.assert_close(collate([rows[i] for i in range(2)])["input_features"], direct, atol=1e-5, rtol=0)

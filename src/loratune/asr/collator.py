@@ -98,7 +98,8 @@ class WhisperCollator:
         clips = []
         for ex in examples:
             a = np.asarray(ex["audio"])
-            a = a.astype(np.float32) / 32768.0 if a.dtype == np.int16 else a.astype(np.float32, copy=False)
+            # integer samples are 16-bit PCM, whatever width Arrow's numpy view gives them (int64)
+            a = a.astype(np.float32) / 32768.0 if np.issubdtype(a.dtype, np.integer) else a.astype(np.float32, copy=False)
             if self.augment is not None and bool(ex.get("augment", False)):
                 if rng is None:  # drawn from torch's generator: seeded by the Trainer, distinct per worker
                     rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
