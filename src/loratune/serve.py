@@ -305,11 +305,11 @@ def check_exposure(opts) -> None:
 def main(inv) -> int:
     import uvicorn
 
-    from loratune.asr.transcriber import Transcriber
+    from loratune.asr.ct2_transcriber import make_transcriber
 
     cfg = inv.config()
     check_exposure(cfg.serve)  # before the model loads
-    transcriber = Transcriber.from_config(cfg)
+    transcriber = make_transcriber(cfg)  # transcribe.backend: ctranslate2 (default) or transformers
     label = cfg.model.name + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
     app = create_app(transcriber, cfg.serve, label, cfg.transcribe.min_rms)
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")

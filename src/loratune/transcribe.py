@@ -73,7 +73,10 @@ def transcribe_files(cfg, paths: Sequence[str], transcriber: Optional[Transcribe
     if not audios:
         raise DataError("no usable audio among the inputs (see the warnings above)")
     targets = output_stems(list(audios), opts.output_dir)
-    transcriber = transcriber or Transcriber.from_config(cfg)
+    if transcriber is None:
+        from loratune.asr.ct2_transcriber import make_transcriber
+
+        transcriber = make_transcriber(cfg)  # transcribe.backend
     # Long files first and alone (their long-form loop is sequential), then short clips in batches.
     order = sorted(audios, key=lambda f: -len(audios[f]))
     results: Dict[str, Transcript] = {}
