@@ -196,3 +196,14 @@ def test_bad_adapter_fails_before_any_build(models, tmp_path):
     with pytest.raises(ModelError, match="adapter_model.safetensors is missing"):
         ct2_model_dir(str(models[0]), str(tmp_path), "int8")
     assert not (Path(tmp_path) / "ct2").exists()
+
+
+def test_missing_faster_whisper_is_one_line(monkeypatch, models):
+    import importlib.util
+
+    from loratune.asr.ct2_transcriber import make_transcriber
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faster_whisper" else real(name, *a))
+    with pytest.raises(ConfigError, match="transcribe.backend=transformers"):
+        make_transcriber(_cfg(models[0]))

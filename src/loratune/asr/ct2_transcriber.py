@@ -176,8 +176,15 @@ class CT2Transcriber:
 
 def make_transcriber(cfg, backend: Optional[str] = None):
     """The transcriber ``transcribe.backend`` (or ``backend``) names, loaded from ``cfg``."""
+    import importlib.util
+
+    from loratune.errors import ConfigError
+
     backend = backend or cfg.transcribe.backend
     if backend == "ctranslate2":
+        if importlib.util.find_spec("faster_whisper") is None:
+            raise ConfigError("transcribe.backend=ctranslate2 needs faster-whisper (pip install 'loratune[export]'); "
+                              "install it or set transcribe.backend=transformers")
         return CT2Transcriber.from_config(cfg)
     from loratune.asr.transcriber import Transcriber
 
