@@ -121,6 +121,7 @@ def main() -> None:
         cer, items = score(refs, hyps[name], "cer", "zh")
         short.append({"system": name, "clips": len(audios), "seconds": round(seconds[name], 2),
                       "clips_per_second": round(len(audios) / seconds[name], 2), "cer": round(cer, 4),
+                      "errors": sum(s.counts.errors for s in items), "ref_units": sum(s.counts.ref_len for s in items),
                       "x_faster_whisper": round(seconds[fw_name] / seconds[name], 2)})
 
     long_rows = []
