@@ -187,7 +187,10 @@ def test_cli_serve_binds_localhost_by_default(monkeypatch):
     from loratune.cli import main
 
     seen = {}
+    import loratune.asr.ct2_transcriber
+
     monkeypatch.setattr(loratune.asr.transcriber.Transcriber, "from_config", classmethod(lambda cls, cfg: object()))
+    monkeypatch.setattr(loratune.asr.ct2_transcriber.CT2Transcriber, "from_config", classmethod(lambda cls, cfg: object()))  # the default backend
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
     assert main(["serve", "model.name=anything"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000

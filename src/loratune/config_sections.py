@@ -324,6 +324,9 @@ class EvalSection:
     """Examples per generation batch."""
     compare_base: bool = True
     """When an adapter is given, also score the base model in the same run."""
+    backend: str = "transformers"
+    """Whisper: ``transformers`` (the reference, with ``quant.*`` as trained) or ``ctranslate2`` (the
+    deployment path: the cached CT2 copy at ``transcribe.compute_type``)."""
     max_new_tokens: int = 128
     """LLM evaluation: most tokens generated per example."""
     forgetting: bool = True
@@ -394,6 +397,20 @@ class TranscribeSection:
     """Report unreadable/silent/too-long files and go on, instead of stopping before any work."""
     max_new_tokens: Optional[int] = None
     """Most tokens decoded per 30-s window (null = the model's limit, 448 with the prompt)."""
+    backend: str = "ctranslate2"
+    """``ctranslate2`` (base + adapter merged and converted once, cached by content; int8 on CPU) or
+    ``transformers`` (PyTorch, with ``quant.*``); also used by ``serve``."""
+    compute_type: str = "auto"
+    """ctranslate2 backend: weight/compute type; ``auto`` = int8 on CPU, int8_float16 on GPU."""
+    cpu_threads: int = 0
+    """ctranslate2 backend: CPU threads (0 = all cores)."""
+    long_form: str = "sequential"
+    """ctranslate2 backend, files over 30 s: ``sequential`` 30-s windows (as the transformers path) or
+    ``batched`` (faster-whisper's BatchedInferencePipeline: Silero VAD chunks, ``batch_size`` at a time)."""
+    vad: bool = False
+    """ctranslate2 backend: Silero VAD filter (as faster-whisper ships it) for long files / timestamped output."""
+    word_timestamps: bool = False
+    """ctranslate2 backend: word-level timestamps in the json output (``segments[].words``)."""
 
 
 @dataclass

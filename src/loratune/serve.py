@@ -18,7 +18,8 @@ Binds 127.0.0.1 unless ``serve.host`` says otherwise; any other address needs a 
 together: a worker takes the first queued request, waits up to ``serve.batch_wait_ms`` for
 up to ``serve.batch_size - 1`` more, and runs one batched ``generate`` in a thread, so the event
 loop keeps accepting uploads meanwhile. Files over 30 s (Whisper's sequential long-form loop) have a
-queue and worker of their own, so a short clip never waits behind a long file.
+queue and worker of their own, so a short clip never waits behind a long file. The model runs on
+``transcribe.backend`` (``ctranslate2`` by default: one batched ``ctranslate2`` generate per batch).
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations, which name
 # classes imported inside create_app (lazy imports keep `loratune --help` fast)
@@ -305,11 +306,11 @@ def check_exposure(opts) -> None:
 def main(inv) -> int:
     import uvicorn
 
-    from loratune.asr.transcriber import Transcriber
+    from loratune.asr.ct2_transcriber import make_transcriber
 
     cfg = inv.config()
     check_exposure(cfg.serve)  # before the model loads
-    transcriber = Transcriber.from_config(cfg)
+    transcriber = make_transcriber(cfg)  # transcribe.backend: ctranslate2 (default) or transformers
     label = cfg.model.name + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
     app = create_app(transcriber, cfg.serve, label, cfg.transcribe.min_rms)
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")

@@ -13,7 +13,8 @@ Clips up to 30 s are decoded in batches in one pass (no timestamp tokens unless
 sequential long-form algorithm (transformers' ``generate`` on un-truncated features): each 30-s
 window is decoded with timestamp tokens and the next window starts at the last complete
 segment's end, so words at window borders are neither lost nor doubled and the segments carry
-real timestamps. Files are checked (readable, not silent, not over
+real timestamps. ``transcribe.backend`` picks the engine: ``ctranslate2`` (default; the cached
+CTranslate2 copy of base + adapter, see ``asr/ct2_transcriber.py``) or ``transformers``. Files are checked (readable, not silent, not over
 ``transcribe.max_audio_seconds``) before the model loads.
 """
 from __future__ import annotations
@@ -73,7 +74,10 @@ def transcribe_files(cfg, paths: Sequence[str], transcriber: Optional[Transcribe
     if not audios:
         raise DataError("no usable audio among the inputs (see the warnings above)")
     targets = output_stems(list(audios), opts.output_dir)
-    transcriber = transcriber or Transcriber.from_config(cfg)
+    if transcriber is None:
+        from loratune.asr.ct2_transcriber import make_transcriber
+
+        transcriber = make_transcriber(cfg)  # transcribe.backend
     # Long files first and alone (their long-form loop is sequential), then short clips in batches.
     order = sorted(audios, key=lambda f: -len(audios[f]))
     results: Dict[str, Transcript] = {}

@@ -191,16 +191,25 @@ def evaluate(cfg) -> Dict:
     out_dir = default_output_dir(cfg)
     test = load_test_set(cfg)  # data errors surface before the model loads
     log.info("test set: %d clips from %s", len(test.ids), test.source)
-    model, processor = load_asr(cfg)
-    w = cfg.whisper
-    transcriber = Transcriber(model, processor, language, w.task, w.num_beams, timestamps=False, trim_audio=w.trim_audio,
-                              no_repeat_ngram_size=w.no_repeat_ngram_size, max_tokens_per_second=w.max_tokens_per_second)
-    runs = []  # (name, context that switches the adapter off or leaves the model as it is)
-    if cfg.model.adapter and cfg.eval.compare_base:
-        runs.append(("base", model.disable_adapter))
-    runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext))
+    runs = []  # (name, context that switches the adapter off or leaves the model as it is, transcriber)
+    if cfg.eval.backend == "ctranslate2":  # the deployment path: one cached CT2 copy per model
+        from loratune.asr.ct2_transcriber import CT2Transcriber
+
+        if cfg.model.adapter and cfg.eval.compare_base:
+            runs.append(("base", contextlib.nullcontext, CT2Transcriber.from_config(cfg, adapter=None)))
+        runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, CT2Transcriber.from_config(cfg)))
+        for _, _, t in runs:
+            t.batch_size = cfg.eval.batch_size
+    else:
+        model, processor = load_asr(cfg)
+        w = cfg.whisper
+        transcriber = Transcriber(model, processor, language, w.task, w.num_beams, timestamps=False, trim_audio=w.trim_audio,
+                                  no_repeat_ngram_size=w.no_repeat_ngram_size, max_tokens_per_second=w.max_tokens_per_second)
+        if cfg.model.adapter and cfg.eval.compare_base:
+            runs.append(("base", model.disable_adapter, transcriber))
+        runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, transcriber))
     results, details = {}, {}
-    for name, context in runs:
+    for name, context, transcriber in runs:
         # The untuned base always sees Whisper's native 30-s padded input: fed trimmed input it
         # falls into repetition loops (measured on whisper-base/HSK), which would inflate "before".
         transcriber.trim_audio = cfg.whisper.trim_audio and name == "adapter"

@@ -80,6 +80,7 @@ class Segment:
     start: float
     end: float
     text: str
+    words: Optional[List[Dict]] = None  # [{start, end, word, probability}] with transcribe.word_timestamps
 
 
 @dataclass
@@ -94,7 +95,8 @@ class Transcript:
             "text": self.text,
             "language": self.language,
             "duration": round(self.duration, 3),
-            "segments": [{"start": round(s.start, 2), "end": round(s.end, 2), "text": s.text} for s in self.segments],
+            "segments": [{"start": round(s.start, 2), "end": round(s.end, 2), "text": s.text, **({"words": s.words} if s.words is not None else {})}
+                         for s in self.segments],
         }
 
 
