@@ -188,6 +188,7 @@ _NUMBERS = {
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.max_audio_seconds": (lambda v: v > 0, "a positive number of seconds"),
     "data.num_proc": (lambda v: v >= 1, "at least 1"),
+    "data.shuffle_buffer": (lambda v: v >= 0, "0 or more examples (0 = no shuffling)"),
     "eval.batch_size": (lambda v: v >= 1, "at least 1"),
     "transcribe.batch_size": (lambda v: v >= 1, "at least 1"),
     "whisper.generation_max_length": (lambda v: 1 <= v <= 448, "between 1 and 448 (Whisper's decoder positions)"),
@@ -216,12 +217,36 @@ def _check_numbers(cfg: RunConfig) -> None:
         raise ConfigError(f"augment.speeds={list(cfg.augment.speeds)}: factors must lie in [0.5, 2.0], e.g. [0.9, 1.0, 1.1]")
     augmenting = bool(cfg.augment.speeds and set(cfg.augment.speeds) != {1.0}) or cfg.augment.gain_db > 0 \
         or cfg.augment.noise_snr_db is not None
-    if augmenting and cfg.task == "asr" and cfg.data.features != "audio":
+    if augmenting and cfg.task == "asr" and cfg.data.features != "audio" and not cfg.data.streaming:
         raise ConfigError("augment.* changes the audio every epoch, which cached log-mels cannot show: "
                           "set data.features=audio (the cache then holds decoded audio)")
+    _check_streaming(cfg)
     if cfg.task == "asr" and cfg.data.max_audio_seconds > 30:
         raise ConfigError(f"data.max_audio_seconds={cfg.data.max_audio_seconds:g}: Whisper trains on at most 30 s per example "
                           "(longer clips would be cut while their whole transcript is kept); set 30 or less, or split long clips")
+
+
+def _check_streaming(cfg: RunConfig) -> None:
+    """A stream has no length: every option that needs the corpus size is refused with its fix."""
+    d, t = cfg.data, cfg.train
+    if d.eval_parquet and not d.parquet:
+        raise ConfigError("data.eval_parquet needs data.parquet (the training shards)")
+    if not d.streaming:
+        return
+    why = "data.streaming=true: a stream has no length, so"
+    if not (d.hub or d.parquet) or d.csv or d.disk or d.jsonl:
+        raise ConfigError("data.streaming=true reads data.parquet or data.hub only; a CSV / save_to_disk / JSON-lines "
+                          "source is checked and cached up front: drop data.streaming, or convert it to parquet shards")
+    if t.max_steps <= 0:
+        raise ConfigError(f"{why} train.max_steps must say how many optimiser steps to run (e.g. train.max_steps=2000)")
+    if t.warmup_epochs > 0:
+        raise ConfigError(f"{why} train.warmup_epochs={t.warmup_epochs:g} cannot be counted: "
+                          "set train.warmup_epochs=0 and train.warmup_steps=N")
+    if t.eval_strategy == "epoch":
+        raise ConfigError(f"{why} there are no epochs to evaluate after: set train.eval_strategy=steps train.eval_steps=N "
+                          "(checkpoints follow evaluations) or train.eval_strategy=no")
+    if t.group_by_length:
+        raise ConfigError(f"{why} train.group_by_length cannot sort it: set train.group_by_length=false")
 
 
 def to_yaml(cfg: RunConfig) -> str:

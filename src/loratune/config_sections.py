@@ -88,6 +88,18 @@ class DataSection:
     """Dataset config name, e.g. ``zh-CN``."""
     disk: Optional[str] = None
     """Directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    parquet: Optional[str] = None
+    """Parquet file(s) of training rows: a path or glob (``shards/*.parquet``), several joined by
+    commas; columns as for the Hub case (``audio_column`` + ``text_column`` / SFT columns)."""
+    eval_parquet: Optional[str] = None
+    """Parquet file(s) of validation rows (with ``parquet``); none = the eval rules below."""
+    streaming: bool = False
+    """Read ``hub`` / ``parquet`` rows as a stream (datasets streaming) instead of loading and caching
+    the corpus first: rows are decoded, tokenised and checked as they pass, bad ones counted with
+    ``skip_bad_rows``. Needs ``train.max_steps``; validation = the first ``max_eval_samples`` rows
+    (256 when unset) of the eval source, else held out from the front of the training stream."""
+    shuffle_buffer: int = 1000
+    """Streaming: examples in datasets' shuffle buffer (shard order is shuffled too; 0 = stream order)."""
     train_split: str = "train"
     """Split (Hub / disk) or value of ``split_column`` used for training; ``a+b`` joins splits."""
     eval_split: Optional[str] = None
@@ -250,7 +262,8 @@ class TrainSection:
     eval_strategy: str = "epoch"
     """``epoch``, ``steps`` or ``no``."""
     eval_steps: Optional[int] = None
-    """Evaluate every N steps when ``eval_strategy=steps``."""
+    """Evaluate every N steps when ``eval_strategy=steps`` (streaming without evaluation: checkpoint
+    every N steps)."""
     save_total_limit: Optional[int] = 3
     """Keep at most this many checkpoints (the best one is always kept)."""
     early_stopping_patience: Optional[int] = None

@@ -164,13 +164,36 @@ def _split_table(ds, data):
     return parts["train"], parts["test"]
 
 
+def parquet_files(spec: str, key: str = "data.parquet") -> List[str]:
+    """The files a ``data.parquet`` value names (paths or globs, comma-separated), sorted; one-line error if none."""
+    import glob
+
+    files: List[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        found = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+        if not found:
+            raise DataError(f"{key}={part}: no file matches (relative paths are from {Path.cwd()}); fix the path or glob")
+        files += found
+    return files
+
+
 def load_raw_splits(data):
     """(train, eval) tables with columns __ref, __audio, __text, before validation and features."""
     import datasets
 
-    if sum(bool(x) for x in (data.csv, data.hub, data.disk)) != 1:
-        raise DataError("set exactly one of data.csv, data.hub, data.disk (the training data source)")
-    if data.csv:
+    if sum(bool(x) for x in (data.csv, data.hub, data.disk, data.parquet)) != 1:
+        raise DataError("set exactly one of data.csv, data.hub, data.disk, data.parquet (the training data source)")
+    if data.parquet:
+        def table(spec, key):
+            return _normalise(datasets.load_dataset("parquet", data_files=parquet_files(spec, key), split="train"), data,
+                              f"{key}={spec}")
+
+        train = table(data.parquet, "data.parquet")
+        if data.eval_parquet:
+            ev = table(data.eval_parquet, "data.eval_parquet")
+        else:
+            train, ev = _split_table(train, data)
+    elif data.csv:
         train, ev = _split_table(_csv_dataset(data), data)
     elif data.disk:
         path = Path(data.disk).expanduser()

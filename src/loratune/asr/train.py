@@ -59,7 +59,7 @@ def training_arguments(cfg, n_train: int, has_eval: bool):
     eval_strategy = t.eval_strategy if has_eval else "no"
     gen = bool(t.generate_during_eval and has_eval)
     kwargs = dict(
-        common_training_kwargs(t, n_train, eval_strategy),
+        common_training_kwargs(t, n_train, eval_strategy, streaming=cfg.data.streaming),
         report_to=t.report_to,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="input_length",
@@ -81,8 +81,13 @@ def _prepare(cfg) -> Prepared:
 
     path = resolve_name(cfg.model.name)
     processor = load_processor(path)
-    with PartialState().main_process_first():  # under DDP rank 0 fills the feature cache, the others reuse it
-        data = prepare_asr_data(cfg, processor, max_label_tokens=max_label_tokens(path))
+    if cfg.data.streaming:  # no cache: rows are decoded and checked as they pass (asr.stream)
+        from loratune.asr.stream import prepare_streaming_asr
+
+        data = prepare_streaming_asr(cfg, processor, max_label_tokens=max_label_tokens(path))
+    else:
+        with PartialState().main_process_first():  # under DDP rank 0 fills the feature cache, the others reuse it
+            data = prepare_asr_data(cfg, processor, max_label_tokens=max_label_tokens(path))
     report = dict(data.report)
     report["feature_cache_hit"] = report.pop("cache_hit", None)
     return Prepared(processor=processor, train=data.train, eval=data.eval, report=report)
@@ -105,16 +110,21 @@ def _make_trainer(cfg, model, data: Prepared, callbacks):
 
     from loratune.asr.augment import AudioAugment
     from loratune.asr.collator import WhisperCollator
+    from loratune.core.trainer_args import train_rows
 
-    args = training_arguments(cfg, len(data.train), data.eval is not None)
+    args = training_arguments(cfg, train_rows(data.train, cfg.train), data.eval is not None)
     augment = AudioAugment.from_config(cfg.augment, cfg.data.max_audio_seconds)
     train = data.train
-    if augment is not None:  # the collator augments only rows marked so: evaluation data stays as it is
-        train = train.add_column("augment", [True] * len(train))
+    if cfg.data.streaming:  # an ASRStream: numpy examples already; marks its own rows for augmentation
+        train.augment = augment is not None
+    else:
+        if augment is not None:  # the collator augments only rows marked so: evaluation data stays as it is
+            train = train.add_column("augment", [True] * len(train))
+        train = train.with_format("numpy")
     return Seq2SeqTrainer(
         model=model,
         args=args,
-        train_dataset=train.with_format("numpy"),
+        train_dataset=train,
         eval_dataset=data.eval.with_format("numpy") if data.eval is not None else None,
         data_collator=WhisperCollator(decoder_start_token_id=model.config.decoder_start_token_id, frames_major=True,
                                       pad_token_id=model.config.pad_token_id,

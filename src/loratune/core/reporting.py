@@ -79,9 +79,12 @@ def step_timer(warmup_steps: int = 5):
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.last, self.dirty, self.intervals = None, False, []
+            self.first_step_unix = None  # wall clock at the end of the first optimiser step (time to first step)
 
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
+            if self.first_step_unix is None:
+                self.first_step_unix = time.time()
             if self.last is not None and not self.dirty and state.global_step > warmup_steps:
                 self.intervals.append(now - self.last)
             self.last, self.dirty = now, False
@@ -93,12 +96,13 @@ def step_timer(warmup_steps: int = 5):
             self.dirty = True
 
         def report(self, samples_per_step: int) -> Dict[str, Any]:
+            first = {"first_step_unix": round(self.first_step_unix, 3)} if self.first_step_unix else {}
             if not self.intervals:
-                return {}
+                return first
             xs = sorted(self.intervals)
             median = xs[len(xs) // 2]
             stalls = [x for x in xs if x > 3 * median]  # recompilation for a new shape, a slow batch ...
-            return {"steady_step_s": round(median, 4), "steady_samples_per_second": round(samples_per_step / median, 2),
+            return {**first, "steady_step_s": round(median, 4), "steady_samples_per_second": round(samples_per_step / median, 2),
                     "mean_samples_per_second_after_warmup": round(samples_per_step * len(xs) / sum(xs), 2),
                     "steady_steps_timed": len(xs), "stalled_steps": len(stalls), "stalled_seconds": round(sum(stalls), 1)}
 

@@ -20,15 +20,25 @@ def steps_per_epoch(t, n_train: int) -> int:
     return max(1, math.ceil(math.ceil(n_train / (t.batch_size * world)) / t.grad_accum))
 
 
-def common_training_kwargs(t, n_train: int, eval_strategy: str) -> Dict[str, Any]:
+def train_rows(train, t) -> int:
+    """Rows of one epoch: the dataset's length, or for a stream (no ``__len__``; one endless epoch) the
+    rows ``train.max_steps`` consume."""
+    try:
+        return len(train)
+    except TypeError:
+        return t.max_steps * samples_per_step(t)
+
+
+def common_training_kwargs(t, n_train: int, eval_strategy: str, streaming: bool = False) -> Dict[str, Any]:
     """Keywords every trainer takes, from a :class:`loratune.config.TrainSection`."""
     import torch
 
     cuda = torch.cuda.is_available()
     per_epoch = steps_per_epoch(t, n_train)
     warmup = math.ceil(t.warmup_epochs * per_epoch) if t.warmup_epochs > 0 else t.warmup_steps
-    # Checkpoints follow evaluations so the best one can be reloaded; without evaluation, one per epoch.
-    save_strategy = eval_strategy if eval_strategy != "no" else "epoch"
+    # Checkpoints follow evaluations so the best one can be reloaded; without evaluation, one per epoch
+    # (a stream is one epoch long: checkpoints every train.eval_steps when given, for --resume)
+    save_strategy = eval_strategy if eval_strategy != "no" else ("steps" if streaming and t.eval_steps else "epoch")
     best = bool(t.load_best_model_at_end and eval_strategy != "no")
     return dict(
         output_dir=t.output_dir,

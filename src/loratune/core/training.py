@@ -262,6 +262,8 @@ def run_training(cfg, wing: Wing) -> Dict[str, Any]:
 
     summary = _summary(cfg, trainer, result, prepared, started, resume_from, base_id, speed)
     summary.update(callbacks[0].report(samples_per_step(cfg.train)))
+    if summary.get("first_step_unix"):  # data preparation + model load + the first step (streaming: no cache build)
+        summary["time_to_first_step_s"] = round(summary["first_step_unix"] - started, 1)
     if rank0:  # under DDP only rank 0 writes
         save_final(trainer, prepared.processor, out, base_id)
         plot_losses(trainer.state.log_history, out / "loss.png", title=f"{Path(base_id).name}: {cfg.task} training loss")
