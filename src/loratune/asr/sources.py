@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from loratune.core.audio import SAMPLE_RATE, load_audio
-from loratune.core.tables import adapt_columns, subset
+from loratune.core.tables import adapt_columns, parquet_files, subset
 from loratune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -162,19 +162,6 @@ def _split_table(ds, data):
         return ds, None
     parts = ds.train_test_split(test_size=data.eval_ratio, seed=data.seed)
     return parts["train"], parts["test"]
-
-
-def parquet_files(spec: str, key: str = "data.parquet") -> List[str]:
-    """The files a ``data.parquet`` value names (paths or globs, comma-separated), sorted; one-line error if none."""
-    import glob
-
-    files: List[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        found = sorted(glob.glob(os.path.expanduser(part), recursive=True))
-        if not found:
-            raise DataError(f"{key}={part}: no file matches (relative paths are from {Path.cwd()}); fix the path or glob")
-        files += found
-    return files
 
 
 def load_raw_splits(data):

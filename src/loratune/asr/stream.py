@@ -29,16 +29,16 @@ and decoded again, not trained on). Rows counted as bad are counted again on a l
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any, Dict, Optional
 
 import numpy as np
 
 from loratune.asr.features import ASRData, _Checker, set_prefix_tokens
-from loratune.asr.sources import AUDIO, TEXT, _where, decode, parquet_files
+from loratune.asr.sources import AUDIO, TEXT, _where, decode
 from loratune.core.audio import SAMPLE_RATE
-from loratune.core.tables import adapt_columns
+from loratune.core.streams import endless
+from loratune.core.streams import open_stream as core_open_stream
 from loratune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,39 +47,17 @@ DEFAULT_EVAL_ROWS = 256
 
 
 def open_stream(data, which: str = "train"):
-    """``datasets.IterableDataset`` of the train (or ``eval``) source with columns __audio, __text
-    (+ the id column when present), or None when there is no separate eval source."""
-    import datasets
+    """The streamed source (:func:`loratune.core.streams.open_stream`) with the ASR columns checked and
+    renamed to __audio, __text (+ the id column when present), or None without a separate eval source."""
     from datasets import Audio, Value
 
-    if data.parquet:
-        spec, key = (data.parquet, "data.parquet") if which == "train" else (data.eval_parquet, "data.eval_parquet")
-        if not spec:
-            return None
-        origin = f"{key}={spec}"
-        ds = datasets.load_dataset("parquet", data_files=parquet_files(spec, key), split="train", streaming=True)
-    else:
-        split = data.train_split if which == "train" else data.eval_split
-        if not split:
-            return None
-        origin = f"{data.hub}:{split}"
-        try:
-            ds = datasets.load_dataset(data.hub, data.hub_config, split=split, streaming=True)
-        except Exception as exc:
-            raise DataError(f"data.hub={data.hub} (config {data.hub_config}, split {split}): cannot stream "
-                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
-                            "check name/config/split, or point data.parquet at local shards") from exc
-    if ds.column_names is None:  # features unknown until read: resolve them from the first rows
-        ds = ds._resolve_features()
-    ds = adapt_columns(ds, data, origin)
-    cols = ds.column_names
+    ds = core_open_stream(data, which)
+    if ds is None:
+        return None
+    origin, cols = ds.loratune_origin, ds.column_names
     for col, key in ((data.audio_column, "data.audio_column"), (data.text_column, "data.text_column")):
         if col not in cols:
             raise DataError(f"{origin}: no column {col!r} (columns: {', '.join(cols)}); set {key}=<name> or data.rename")
-    if data.split_column in cols:
-        raise DataError(f"{origin}: has a {data.split_column!r} column, which a stream cannot split by without reading "
-                        "it all; write the validation rows to their own shards (data.eval_parquet / data.eval_split) "
-                        f"or drop it (data.remove_columns=[{data.split_column}])")
     if isinstance(ds.features[data.audio_column], Audio):
         # keep the encoded bytes (PyAV decodes them, asr.sources) and read the column as its plain storage:
         # a streamed Audio feature re-encodes every example, which needs torchcodec
@@ -143,31 +121,18 @@ class ASRStream(_torch_iterable()):
         self.source, self.check, self.stats = source, check, stats
         self.seed, self.shuffle_buffer, self.augment = seed, shuffle_buffer, False
 
-    def passes(self):
-        for n in itertools.count():
-            # datasets' own shuffle (shard order + buffer), a new order each pass; deterministic for
-            # a given seed, which is what lets --resume skip to the same place
-            yield n, (self.source.shuffle(seed=self.seed + n, buffer_size=self.shuffle_buffer)
-                      if self.shuffle_buffer > 0 else self.source)
-
     def __iter__(self):
         origin = getattr(self.source, "loratune_origin", "stream")
-        for n, ds in self.passes():
+        for n, i, row in endless(self.source, self.seed, self.shuffle_buffer):
             self.stats["passes"] = n + 1
-            used = 0
-            for i, row in enumerate(ds):
-                self.stats["rows_read"] += 1
-                ex = self.check(row, f"{origin} pass {n + 1} example {i}")
-                if ex is None:
-                    continue
-                used += 1
-                self.stats["rows_used"] += 1
-                if self.augment:
-                    ex["augment"] = True
-                yield ex
-            if used == 0:
-                raise DataError(f"{origin}: no usable training rows in a whole pass ({self.stats['rows_read']} read, "
-                                "all bad or none); fix the data source")
+            self.stats["rows_read"] += 1
+            ex = self.check(row, f"{origin} pass {n + 1} example {i}")
+            if ex is None:
+                continue
+            self.stats["rows_used"] += 1
+            if self.augment:
+                ex["augment"] = True
+            yield ex
 
 
 def _materialise(rows, check: RowChecker, origin: str, limit: int):

@@ -10,8 +10,11 @@ warned about (removing nothing is harmless); ``max_*_samples`` draws a seeded sh
 """
 from __future__ import annotations
 
+import glob
 import logging
-from typing import Optional
+import os
+from pathlib import Path
+from typing import List, Optional
 
 from loratune.errors import DataError
 
@@ -36,3 +39,14 @@ def subset(ds, n: Optional[int], seed: int):
     if n is None or n >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(n))
+
+
+def parquet_files(spec: str, key: str = "data.parquet") -> List[str]:
+    """The files a ``data.parquet`` value names (paths or globs, comma-separated), sorted; one-line error if none."""
+    files: List[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        found = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+        if not found:
+            raise DataError(f"{key}={part}: no file matches (relative paths are from {Path.cwd()}); fix the path or glob")
+        files += found
+    return files

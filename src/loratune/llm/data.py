@@ -65,9 +65,9 @@ def _read_jsonl(path: Path):
 
 def load_raw(data: DataSection):
     """The table(s) named by ``data.*``: a ``Dataset`` or a ``DatasetDict`` of named splits."""
-    given = [k for k in ("csv", "jsonl", "disk", "hub") if getattr(data, k)]
+    given = [k for k in ("csv", "jsonl", "disk", "hub", "parquet") if getattr(data, k)]
     if len(given) != 1:
-        raise ConfigError(f"SFT data: set exactly one of data.csv, data.jsonl, data.disk, data.hub (got {given or 'none'})")
+        raise ConfigError(f"SFT data: set exactly one of data.csv, data.jsonl, data.disk, data.hub, data.parquet (got {given or 'none'})")
     kind = given[0]
     source = getattr(data, kind)
     if kind in ("csv", "jsonl", "disk") and not Path(source).exists():
@@ -78,6 +78,10 @@ def load_raw(data: DataSection):
         return _read_jsonl(Path(source))
     import datasets
 
+    if kind == "parquet":
+        from loratune.core.tables import parquet_files
+
+        return datasets.load_dataset("parquet", data_files=parquet_files(source), split="train")
     try:
         if kind == "disk":
             return datasets.load_from_disk(source)
@@ -226,34 +230,49 @@ def encode_example(tokenizer, sft: SFTSection, template: str, prompt: Any, compl
     return full, n
 
 
+def new_counts(rows) -> Dict[str, Any]:
+    return {"rows": rows, "bad_rows": 0, "truncated": 0, "dropped_too_long": 0, "prompt_too_long": 0}
+
+
+def encode_row(row: Dict[str, Any], where: str, fmt: str, cfg: RunConfig, tokenizer, template: str,
+               counts: Dict[str, Any]):
+    """One checked, tokenised example (``input_ids`` + ``labels``), or None when it is dropped and counted
+    (a bad row with ``data.skip_bad_rows``, an over-long one per ``sft.too_long``); DataError otherwise."""
+    data, sft = cfg.data, cfg.sft
+    if data.id_column in row:
+        where += f" ({data.id_column}={row[data.id_column]})"
+    try:
+        prompt, completion = _pair(row, fmt, data, where)
+    except DataError:
+        if not data.skip_bad_rows:
+            raise
+        counts["bad_rows"] += 1
+        return None
+    ids, n_prompt = encode_example(tokenizer, sft, template, prompt, completion)
+    if len(ids) > sft.max_length:
+        if sft.too_long == "drop":
+            counts["dropped_too_long"] += 1
+            return None
+        if n_prompt >= sft.max_length:  # nothing of the answer would survive the cut
+            counts["prompt_too_long"] += 1
+            return None
+        ids = ids[: sft.max_length]
+        counts["truncated"] += 1
+    labels = [-100] * n_prompt + ids[n_prompt:] if sft.completion_only_loss else list(ids)
+    return {"input_ids": ids, "labels": labels}
+
+
 def tokenize_rows(ds, cfg: RunConfig, tokenizer, template: str, name: str):
     """Check and tokenise a table; returns (Dataset of input_ids/labels, counts for the report)."""
     from datasets import Dataset
 
     data, sft = cfg.data, cfg.sft
     fmt = data_format(ds.column_names, data)
-    out, counts = [], {"rows": len(ds), "bad_rows": 0, "truncated": 0, "dropped_too_long": 0, "prompt_too_long": 0}
+    out, counts = [], new_counts(len(ds))
     for i, row in enumerate(ds):
-        where = f"{name} row {i}" + (f" ({data.id_column}={row[data.id_column]})" if data.id_column in row else "")
-        try:
-            prompt, completion = _pair(row, fmt, data, where)
-        except DataError:
-            if not data.skip_bad_rows:
-                raise
-            counts["bad_rows"] += 1
-            continue
-        ids, n_prompt = encode_example(tokenizer, sft, template, prompt, completion)
-        if len(ids) > sft.max_length:
-            if sft.too_long == "drop":
-                counts["dropped_too_long"] += 1
-                continue
-            if n_prompt >= sft.max_length:  # nothing of the answer would survive the cut
-                counts["prompt_too_long"] += 1
-                continue
-            ids = ids[: sft.max_length]
-            counts["truncated"] += 1
-        labels = [-100] * n_prompt + ids[n_prompt:] if sft.completion_only_loss else list(ids)
-        out.append({"input_ids": ids, "labels": labels})
+        ex = encode_row(row, f"{name} row {i}", fmt, cfg, tokenizer, template, counts)
+        if ex is not None:
+            out.append(ex)
     too_long = counts["truncated"] + counts["dropped_too_long"] + counts["prompt_too_long"]
     if too_long:
         log.warning("%s: %d of %d examples exceed sft.max_length=%d tokens: %d truncated, %d dropped (sft.too_long=%s), "
