@@ -25,7 +25,7 @@ def sft_args(cfg: RunConfig, n_train: int):
     from loratune.core.trainer_args import common_training_kwargs
 
     t = cfg.train
-    common = common_training_kwargs(t, n_train, t.eval_strategy)
+    common = common_training_kwargs(t, n_train, t.eval_strategy, streaming=cfg.data.streaming)
     full_ckpt = bool(t.gradient_checkpointing and t.checkpoint_fraction >= 1.0)
     return SFTConfig(
         **common,
@@ -51,8 +51,15 @@ def _prepare(cfg) -> Prepared:
     from loratune.llm.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds, data = build_sft_datasets(cfg, tokenizer)  # all data errors surface here
-    report = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0, "data": data}
+    if cfg.data.streaming:  # rows tokenised and checked as they pass (llm.stream); validation rows up front
+        from loratune.llm.stream import build_sft_stream
+
+        train_ds, eval_ds, data = build_sft_stream(cfg, tokenizer)
+        report = {"train_rows": None, "eval_rows": len(eval_ds) if eval_ds is not None else 0, "data": data,
+                  "stream": data["stream"]}
+    else:
+        train_ds, eval_ds, data = build_sft_datasets(cfg, tokenizer)  # all data errors surface here
+        report = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0, "data": data}
     use_eval = eval_ds is not None and len(eval_ds) > 0 and cfg.train.eval_strategy != "no"
     return Prepared(processor=tokenizer, train=train_ds, eval=eval_ds if use_eval else None, report=report)
 
@@ -67,7 +74,9 @@ def _build_model(cfg):
 def _make_trainer(cfg, model, data: Prepared, callbacks):
     from trl import SFTTrainer
 
-    return SFTTrainer(model=model, args=sft_args(cfg, len(data.train)), train_dataset=data.train,
+    from loratune.core.trainer_args import train_rows
+
+    return SFTTrainer(model=model, args=sft_args(cfg, train_rows(data.train, cfg.train)), train_dataset=data.train,
                       eval_dataset=data.eval, processing_class=data.processor, callbacks=callbacks)
 
 
