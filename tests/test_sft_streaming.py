@@ -56,6 +56,17 @@ def test_stream_equals_the_materialised_rows_and_counts_bad_rows(shards):
     assert [x["input_ids"] for x in streamed] == whole["input_ids"] and [x["labels"] for x in streamed] == whole["labels"]
 
 
+def test_a_stream_of_only_bad_rows_stops_instead_of_looping(tmp_path):
+    from datasets import Dataset
+
+    from loratune.llm.stream import build_sft_stream
+
+    Dataset.from_list([{"prompt": p, "completion": ""} for p, _ in PAIRS]).to_parquet(str(tmp_path / "bad.parquet"))
+    stream, _, _ = build_sft_stream(_cfg(tmp_path, "data.skip_bad_rows=true"), make_tokenizer(chat_template=True))
+    with pytest.raises(DataError, match=r"no usable training rows in a whole pass \(6 read, every one bad"):
+        next(iter(stream))
+
+
 def test_tiny_llama_trains_from_a_stream_with_held_out_validation(shards, tmp_path):
     model = make_tiny_llama(tmp_path / "llama")
     out = tmp_path / "run"

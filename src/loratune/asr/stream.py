@@ -37,7 +37,7 @@ import numpy as np
 from loratune.asr.features import ASRData, _Checker, set_prefix_tokens
 from loratune.asr.sources import AUDIO, TEXT, _where, decode
 from loratune.core.audio import SAMPLE_RATE
-from loratune.core.streams import endless
+from loratune.core.streams import check_pass, endless
 from loratune.core.streams import open_stream as core_open_stream
 from loratune.errors import DataError
 
@@ -123,9 +123,9 @@ class ASRStream(_torch_iterable()):
 
     def __iter__(self):
         origin = getattr(self.source, "loratune_origin", "stream")
+        used_before = [0]
         for n, i, row in endless(self.source, self.seed, self.shuffle_buffer):
-            self.stats["passes"] = n + 1
-            self.stats["rows_read"] += 1
+            check_pass(self.stats, n, origin, used_before)
             ex = self.check(row, f"{origin} pass {n + 1} example {i}")
             if ex is None:
                 continue

@@ -65,3 +65,15 @@ def endless(source, seed: int, buffer: int):
             yield n, i, row
         if i < 0:
             raise DataError(f"{origin}: no rows to train on; check the source (and data.max_train_samples)")
+
+
+def check_pass(stats, n: int, origin: str, used_before: list) -> None:
+    """Keep ``stats`` (rows_read / rows_used / passes) for a row of pass ``n``; a pass that used no row at
+    all (every row bad and skipped) is an error, not an endless loop. ``used_before``: a one-item list
+    the caller keeps per iteration (rows used before the current pass)."""
+    if n + 1 != stats["passes"]:
+        if stats["passes"] and stats["rows_used"] == used_before[0]:
+            raise DataError(f"{origin}: no usable training rows in a whole pass ({stats['rows_read']} read, every one "
+                            "bad and skipped); fix the data")
+        stats["passes"], used_before[0] = n + 1, stats["rows_used"]
+    stats["rows_read"] += 1

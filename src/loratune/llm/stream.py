@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from loratune.core.streams import endless, open_stream
+from loratune.core.streams import check_pass, endless, open_stream
 from loratune.llm.data import data_format, encode_row, new_counts, resolve_template
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ DEFAULT_EVAL_ROWS = 256
 
 
 def _examples(source, fmt, cfg, tokenizer, template, counts, stats):
-    origin = source.loratune_origin
+    origin, used_before = source.loratune_origin, [0]
     for n, i, row in endless(source, cfg.data.seed, cfg.data.shuffle_buffer):
-        stats["passes"], stats["rows_read"] = n + 1, stats["rows_read"] + 1
+        check_pass(stats, n, origin, used_before)
         ex = encode_row(row, f"{origin} pass {n + 1} example {i}", fmt, cfg, tokenizer, template, counts)
         if ex is not None:
             stats["rows_used"] += 1
