@@ -106,3 +106,16 @@ def test_language_by_name_and_unknown_to_checkpoint(models):
 
     with pytest.raises(ConfigError, match="no token"):
         check_language("de", M())
+
+
+def test_a_test_table_needs_no_train_rows(models, small_csv, hsk_dir, tmp_path):
+    """A held-out CSV holds only test rows: evaluate scores them (it stopped with 'no training rows')."""
+    base, _ = models
+    rows = [r for r in csv.DictReader(open(small_csv, encoding="utf-8")) if r["split"] == "dev"]
+    only_dev = tmp_path / "test.csv"
+    with open(only_dev, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["ID", "sentence", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    report = evaluate(_cfg(base, only_dev, hsk_dir, tmp_path / "out", "eval.limit=2"))
+    assert report["results"]["base"]["clips"] == 2

@@ -52,7 +52,7 @@ def load_test_set(cfg) -> TestSet:
     from loratune.asr.features import AUDIO, REF, TEXT, _decode, load_raw_splits
 
     data = dataclasses.replace(cfg.data, max_eval_samples=None, max_train_samples=None)
-    _, ev = load_raw_splits(data)
+    _, ev = load_raw_splits(data, need_train=False)  # a test CSV needs no train rows
     if ev is None or len(ev) == 0:
         raise DataError("no evaluation rows: set data.eval_split (e.g. dev / test) or a split column with such rows")
     order = list(range(len(ev)))

@@ -164,8 +164,9 @@ def _split_table(ds, data):
     return parts["train"], parts["test"]
 
 
-def load_raw_splits(data):
-    """(train, eval) tables with columns __ref, __audio, __text, before validation and features."""
+def load_raw_splits(data, need_train: bool = True):
+    """(train, eval) tables with columns __ref, __audio, __text, before validation and features.
+    ``need_train=False`` (evaluation): a table with only evaluation rows is fine."""
     import datasets
 
     if sum(bool(x) for x in (data.csv, data.hub, data.disk, data.parquet)) != 1:
@@ -214,7 +215,7 @@ def load_raw_splits(data):
             train, ev = _split_table(train.remove_columns([c for c in [data.split_column] if c in train.column_names]), data)
     train = subset(train, data.max_train_samples, data.seed)
     ev = subset(ev, data.max_eval_samples, data.seed) if ev is not None else None
-    if len(train) == 0:
+    if len(train) == 0 and need_train:
         if data.csv and not len(_csv_dataset(data)):
             raise DataError(f"{data.csv}: no data rows (only a header?); add rows of {data.id_column},{data.text_column}")
         raise DataError(f"no training rows (split {data.train_split!r} of column {data.split_column!r} is empty?); check data.train_split / the data source")
