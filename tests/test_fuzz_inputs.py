@@ -8,7 +8,7 @@ import string
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")  # in the dev extra and the lock
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from loratune.cli import main as cli  # noqa: E402
@@ -40,6 +40,9 @@ def test_overrides_succeed_or_fail_in_one_line(items):
 
 @SETTINGS
 @given(st.text(string.printable + "：，。中文", max_size=200))
+@example(text="-")  # a YAML list: was a TypeError traceback from OmegaConf's merge
+@example(text="just a string")
+@example(text="")
 def test_any_recipe_text_loads_or_fails_in_one_line(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("r") / "recipe.yaml"
     path.write_text(text, encoding="utf-8")

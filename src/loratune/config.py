@@ -77,12 +77,16 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[Li
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found; pass a YAML from configs/ or omit it")
         try:
-            layers.append(OmegaConf.load(p))
+            recipe = OmegaConf.load(p)
         except Exception as exc:  # yaml.YAMLError and friends: one line, where and what
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
             what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ConfigError(f"{p}{where}: not valid YAML ({what}); fix the file") from exc
+        if not OmegaConf.is_dict(recipe):  # e.g. a file that is a YAML list (`- x`): found by hypothesis
+            raise ConfigError(f"{p}: a recipe is a mapping of sections (model:, data:, train: ...), not a "
+                              f"{type(recipe).__name__}; see configs/ for examples")
+        layers.append(recipe)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=2)")
