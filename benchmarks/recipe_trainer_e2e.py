@@ -166,7 +166,8 @@ def main():
     ap.add_argument("folder", type=Path)
     ap.add_argument("--steps", type=int, default=60, help="optimiser steps per run (the first 5 are not timed)")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--runs", default="", help="';'-separated substrings of the run names to run (default: all)")
+    ap.add_argument("--runs", default="", help="';'-separated substrings of the run names to run, or =NAME for one "
+                    "name exactly (default: all)")
     ap.add_argument("--gpus", default="", help="DDP scaling instead: comma-separated process counts, e.g. 1,2 "
                     "(the shipped recipe, same per-GPU batch, `loratune train --gpus N`); with --loss-curve: one count")
     ap.add_argument("--loss-curve", type=int, default=0, metavar="N",
@@ -206,8 +207,11 @@ def main():
                           ("shipped recipe with the NaN-loss filter (a sync per step)", ["train.nan_inf_filter=true"]),
                           # the recipe's evaluation paths next to the CUDA-graph training steps
                           ("shipped recipe, evaluating every 40 steps", EVAL),
-                          ("shipped recipe, evaluating every 40 steps by CER (generate)", EVAL + ["train.generate_during_eval=true", "train.metric_for_best_model=eval_cer"])]
-            if not args.runs or any(s in n for s in args.runs.split(";"))]
+                          ("shipped recipe, evaluating every 40 steps by CER (generate)", EVAL + ["train.generate_during_eval=true", "train.metric_for_best_model=eval_cer"]),
+                          # issue 17: the cache holds audio, the collator computes the log-mels of each batch
+                          ("on-the-fly log-mels (data.features=audio)", ["data.features=audio"]),
+                          ("on-the-fly log-mels + speed perturbation", ["data.features=audio", "augment.speeds=[0.9,1.0,1.1]"])]
+            if not args.runs or any(n == s[1:] if s.startswith("=") else s in n for s in args.runs.split(";"))]
     base = rows[0].get("steady_samples_per_second")
     C.add_ratio(rows, "steady_samples_per_second", base, "x_tutorial")
     C.write_json("recipe_trainer_e2e.json", dict(versions=info, args=vars(args), rows=rows))
