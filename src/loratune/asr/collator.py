@@ -24,12 +24,13 @@ would be inside a 30-s window, before the STFT.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from loratune.asr.trim import trimmed_num_frames
 
 
 def pad_features(feats: List[np.ndarray], multiple: int = 2) -> np.ndarray:
@@ -106,7 +107,7 @@ class WhisperCollator:
                 a = self.augment(a, rng)
             clips.append(a)
         hop, full = self.feature_extractor.hop_length, self.feature_extractor.n_samples
-        frames = [min(full // hop, 2 * math.ceil(max(1, math.ceil(len(a) / hop)) / 2)) for a in clips]
+        frames = [trimmed_num_frames(len(a)) for a in clips]  # the cache's rule (asr.features)
         # at least n_fft zero samples after every clip, as inside a 30-s window, so the last frames
         # see silence (not the reflection the STFT would otherwise add) and match the cached features
         length = min(full, max(frames) * hop + self.feature_extractor.n_fft) if self.trim else full

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -43,8 +42,6 @@ from loratune.errors import DataError
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-HOP_LENGTH = 160  # log-mel frame = 10 ms
-FULL_FRAMES = 3000  # 30 s
 
 
 @dataclass
@@ -123,8 +120,9 @@ def _featurise(item: Tuple[str, Any]) -> Tuple[Optional[np.ndarray], int, Option
         return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16), len(audio), None
     mel = _WORKER["fe"](audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
     if _WORKER["trim"]:  # the clip's real length in frames, even (encoder stride 2), at most 30 s
-        frames = min(FULL_FRAMES, 2 * math.ceil(max(1, math.ceil(len(audio) / HOP_LENGTH)) / 2))
-        mel = mel[:, :frames]
+        from loratune.asr.trim import trimmed_num_frames
+
+        mel = mel[:, :trimmed_num_frames(len(audio))]
     return np.ascontiguousarray(mel.T, dtype=np.float32), len(audio), None
 
 
