@@ -206,4 +206,24 @@ def test_missing_faster_whisper_is_one_line(monkeypatch, models):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faster_whisper" else real(name, *a))
     with pytest.raises(ConfigError, match="transcribe.backend=transformers"):
-        make_transcriber(_cfg(models[0]))
+        make_transcriber(_cfg(models[0], "transcribe.backend=ctranslate2"))
+
+
+def test_auto_backend_is_ctranslate2_on_cpu_and_transformers_on_a_gpu(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from loratune.asr.ct2_transcriber import resolve_backend
+
+    assert load_config(None, []).transcribe.backend == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto") == "ctranslate2"
+    assert resolve_backend("transformers") == "transformers"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # run 31: transformers 4-8x ctranslate2 on an H200
+    assert resolve_backend("auto") == "transformers"
+    assert resolve_backend("ctranslate2") == "ctranslate2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faster_whisper" else real(name, *a))
+    assert resolve_backend("auto") == "transformers"  # a plain install without faster-whisper still transcribes

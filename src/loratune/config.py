@@ -137,7 +137,7 @@ _CHOICES = {
     "export.quantization": ("float16", "int8_float16", "int8", "int8_float32", "bfloat16", "float32"),
     "train.frozen_dtype": (None, "float32", "float16", "bfloat16"),
     "model.sdpa_backend": (None, "cudnn", "flash", "efficient"),
-    "transcribe.backend": ("ctranslate2", "transformers"),
+    "transcribe.backend": ("auto", "ctranslate2", "transformers"),
     "transcribe.long_form": ("sequential", "batched"),
     "eval.backend": ("transformers", "ctranslate2"),
 }

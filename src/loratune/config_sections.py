@@ -410,9 +410,10 @@ class TranscribeSection:
     """Report unreadable/silent/too-long files and go on, instead of stopping before any work."""
     max_new_tokens: Optional[int] = None
     """Most tokens decoded per 30-s window (null = the model's limit, 448 with the prompt)."""
-    backend: str = "ctranslate2"
-    """``ctranslate2`` (base + adapter merged and converted once, cached by content; int8 on CPU) or
-    ``transformers`` (PyTorch, with ``quant.*``); also used by ``serve``."""
+    backend: str = "auto"
+    """``auto`` (ctranslate2 without a CUDA GPU, transformers with one: measured faster on each, see the
+    README), ``ctranslate2`` (base + adapter merged and converted once, cached by content; int8 on CPU)
+    or ``transformers`` (PyTorch, with ``quant.*``); also used by ``serve``."""
     compute_type: str = "auto"
     """ctranslate2 backend: weight/compute type; ``auto`` = int8 on CPU, int8_float16 on GPU."""
     cpu_threads: int = 0

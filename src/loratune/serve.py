@@ -19,7 +19,8 @@ together: a worker takes the first queued request, waits up to ``serve.batch_wai
 up to ``serve.batch_size - 1`` more, and runs one batched ``generate`` in a thread, so the event
 loop keeps accepting uploads meanwhile. Files over 30 s (Whisper's sequential long-form loop) have a
 queue and worker of their own, so a short clip never waits behind a long file. The model runs on
-``transcribe.backend`` (``ctranslate2`` by default: one batched ``ctranslate2`` generate per batch).
+``transcribe.backend`` (``auto`` by default: ctranslate2 on a CPU, one batched ``generate`` per batch;
+transformers on a CUDA GPU).
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations, which name
 # classes imported inside create_app (lazy imports keep `loratune --help` fast)
@@ -310,7 +311,7 @@ def main(inv) -> int:
 
     cfg = inv.config()
     check_exposure(cfg.serve)  # before the model loads
-    transcriber = make_transcriber(cfg)  # transcribe.backend: ctranslate2 (default) or transformers
+    transcriber = make_transcriber(cfg)  # transcribe.backend: auto (ctranslate2 on CPU, transformers on GPU)
     label = cfg.model.name + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
     app = create_app(transcriber, cfg.serve, label, cfg.transcribe.min_rms)
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")

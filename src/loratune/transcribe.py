@@ -13,7 +13,8 @@ Clips up to 30 s are decoded in batches in one pass (no timestamp tokens unless
 sequential long-form algorithm (transformers' ``generate`` on un-truncated features): each 30-s
 window is decoded with timestamp tokens and the next window starts at the last complete
 segment's end, so words at window borders are neither lost nor doubled and the segments carry
-real timestamps. ``transcribe.backend`` picks the engine: ``ctranslate2`` (default; the cached
+real timestamps. ``transcribe.backend`` picks the engine: ``auto`` (default: ``ctranslate2`` on a CPU,
+``transformers`` on a CUDA GPU, the faster of the two on each), ``ctranslate2`` (the cached
 CTranslate2 copy of base + adapter, see ``asr/ct2_transcriber.py``) or ``transformers``. Files are checked (readable, not silent, not over
 ``transcribe.max_audio_seconds``) before the model loads.
 """
