@@ -1,6 +1,6 @@
 """Make a slowed copy of the HSK dev split (tempo changed, pitch kept: FFmpeg ``atempo`` through PyAV).
 
-    python benchmarks/make_slow_dev.py /tmp/devslow 0.8
+    PYTHONPATH=src python benchmarks/make_slow_dev.py /tmp/devslow 0.8
     loratune evaluate RECIPE model.adapter=ADAPTER data.csv=/tmp/devslow/metadata.csv data.audio_dir=/tmp/devslow/audio
 
 A proxy for slow-rate recordings (benchmarks/ACCURACY.md rows S1-S3). Only the dev split is written;
@@ -18,38 +18,14 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "hsk-zh"
 
 
-def _drain(graph, chunks) -> None:
-    import av
-
-    while True:
-        try:
-            chunks.append(graph.pull().to_ndarray().reshape(-1))
-        except (av.error.BlockingIOError, av.error.EOFError):
-            return
-
-
 def slowed(path: Path, tempo: float) -> np.ndarray:
-    """16-kHz mono int16 samples of ``path`` played at ``tempo`` (pitch unchanged)."""
-    import av
+    """16-kHz mono int16 samples of ``path`` played at ``tempo`` (pitch unchanged): loratune's own
+    decoder and the ``augment.tempos`` transform, so the proxy and the augmentation are one rule."""
+    from loratune.asr.augment import change_tempo
+    from loratune.core.audio import load_audio
 
-    with av.open(str(path)) as container:
-        stream = container.streams.audio[0]
-        graph = av.filter.Graph()
-        src = graph.add_abuffer(template=stream)
-        stretch = graph.add("atempo", str(tempo))
-        fmt = graph.add("aformat", "sample_fmts=s16:sample_rates=16000:channel_layouts=mono")
-        sink = graph.add("abuffersink")
-        src.link_to(stretch)
-        stretch.link_to(fmt)
-        fmt.link_to(sink)
-        graph.configure()
-        chunks: list = []
-        for frame in container.decode(stream):
-            graph.push(frame)
-            _drain(graph, chunks)
-        graph.push(None)
-        _drain(graph, chunks)
-    return np.concatenate(chunks).astype(np.int16)
+    audio = change_tempo(load_audio(path), tempo)
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
 
 
 def main(out: Path, tempo: float) -> None:

@@ -14,7 +14,7 @@ import torch
 from test_asr_data import hsk_clips
 from tiny import tiny_asr_overrides
 
-from loratune.asr.augment import AudioAugment, change_speed
+from loratune.asr.augment import AudioAugment, change_speed, change_tempo
 from loratune.asr.collator import WhisperCollator
 from loratune.config import load_config
 from loratune.errors import ConfigError
@@ -89,11 +89,29 @@ def test_only_marked_rows_are_augmented_and_differently_each_time(tiny, hsk_dir)
     assert AudioAugment.from_config(load_config(None, ["augment.speeds=[1.0]"]).augment) is None
 
 
+def test_tempo_changes_length_but_keeps_pitch():
+    t = np.arange(SR * 2) / SR
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for factor in (0.8, 1.1):
+        out = change_tempo(tone, factor)
+        assert abs(len(out) - len(tone) / factor) < 0.02 * SR and out.dtype == np.float32  # atempo keeps a few ms of tail
+        assert abs(_peak_hz(out) - 440) < 2, factor  # the pitch stays (speed perturbation moves it to 440 * factor)
+        assert abs(np.sqrt(np.mean(out**2)) - np.sqrt(np.mean(tone**2))) < 0.02
+    assert change_tempo(tone, 1.0) is tone
+    aug = AudioAugment(tempos=(0.8,))
+    assert aug.active and len(aug(tone, np.random.default_rng(0))) > len(tone) * 1.2
+    assert not AudioAugment(tempos=(1.0,)).active
+
+
 def test_augmentation_needs_audio_features_and_sane_values():
     with pytest.raises(ConfigError, match="set data.features=audio"):
         load_config(None, ["augment.speeds=[0.9,1.0,1.1]"])
     with pytest.raises(ConfigError, match=r"augment.speeds=\[0.1\]"):
         load_config(None, ["data.features=audio", "augment.speeds=[0.1]"])
+    with pytest.raises(ConfigError, match="set data.features=audio"):
+        load_config(None, ["augment.tempos=[0.8,1.0]"])
+    with pytest.raises(ConfigError, match=r"augment.tempos=\[3.0\]"):
+        load_config(None, ["data.features=audio", "augment.tempos=[3.0]"])
     with pytest.raises(ConfigError, match="augment.gain_db"):
         load_config(None, ["data.features=audio", "augment.gain_db=-3"])
     with pytest.raises(ConfigError, match="data.features"):

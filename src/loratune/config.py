@@ -138,7 +138,7 @@ _CHOICES = {
     "train.frozen_dtype": (None, "float32", "float16", "bfloat16"),
     "model.sdpa_backend": (None, "cudnn", "flash", "efficient"),
     "transcribe.backend": ("auto", "ctranslate2", "transformers"),
-    "transcribe.long_form": ("sequential", "batched"),
+    "transcribe.long_form": ("auto", "sequential", "batched", "vad"),
     "eval.backend": ("transformers", "ctranslate2"),
 }
 
@@ -195,6 +195,7 @@ _NUMBERS = {
     "data.shuffle_buffer": (lambda v: v >= 0, "0 or more examples (0 = no shuffling)"),
     "eval.batch_size": (lambda v: v >= 1, "at least 1"),
     "transcribe.batch_size": (lambda v: v >= 1, "at least 1"),
+    "transcribe.chunk_seconds": (lambda v: 1 <= v <= 30, "between 1 and 30 seconds (a chunk is decoded as one Whisper window)"),
     "whisper.generation_max_length": (lambda v: 1 <= v <= 448, "between 1 and 448 (Whisper's decoder positions)"),
     "whisper.num_beams": (lambda v: v >= 1, "at least 1"),
     "whisper.mask_time_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -216,11 +217,13 @@ def _check_numbers(cfg: RunConfig) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps}: must be a positive step count, or -1 to use train.epochs")
     if t.threads is not None and t.threads < 1:
         raise ConfigError(f"train.threads={t.threads}: must be at least 1 (or null for PyTorch's default)")
-    bad_speed = [s for s in cfg.augment.speeds if not 0.5 <= s <= 2.0]
-    if bad_speed:
-        raise ConfigError(f"augment.speeds={list(cfg.augment.speeds)}: factors must lie in [0.5, 2.0], e.g. [0.9, 1.0, 1.1]")
-    augmenting = bool(cfg.augment.speeds and set(cfg.augment.speeds) != {1.0}) or cfg.augment.gain_db > 0 \
-        or cfg.augment.noise_snr_db is not None
+    for key in ("speeds", "tempos"):
+        factors = list(getattr(cfg.augment, key))
+        if any(not 0.5 <= f <= 2.0 for f in factors):
+            raise ConfigError(f"augment.{key}={factors}: factors must lie in [0.5, 2.0], e.g. [0.9, 1.0, 1.1]")
+    from loratune.asr.augment import AudioAugment  # one rule for "does augment change anything"
+
+    augmenting = AudioAugment.from_config(cfg.augment) is not None
     if augmenting and cfg.task == "asr" and cfg.data.features != "audio" and not cfg.data.streaming:
         raise ConfigError("augment.* changes the audio every epoch, which cached log-mels cannot show: "
                           "set data.features=audio (the cache then holds decoded audio)")

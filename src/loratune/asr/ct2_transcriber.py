@@ -17,6 +17,8 @@ faster-whisper's ``WhisperModel.transcribe`` on the same loaded model (sequentia
 loratune's transformers path: no conditioning on the previous window, temperature 0), or its
 ``BatchedInferencePipeline`` with ``transcribe.long_form=batched`` (Silero VAD chunks decoded
 ``transcribe.batch_size`` at a time). ``transcribe.vad`` turns the Silero VAD filter on for them.
+``transcribe.long_form=vad`` (the default for short-clip adapters) cuts long files at pauses and
+decodes the chunks on the short-clip path above (``asr/longform.py``).
 
 Tests: ``python -m pytest -q tests/test_ct2_backend.py``.
 """
@@ -29,6 +31,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from loratune.asr.longform import join_texts, speech_chunks, transcribe_chunked
 from loratune.asr.transcriber import WINDOW_SECONDS, Segment, Transcript
 from loratune.core.audio import SAMPLE_RATE
 
@@ -61,7 +64,7 @@ class CT2Transcriber:
                  timestamps: bool = False, trim_audio: bool = False, no_repeat_ngram_size: int = 0,
                  max_tokens_per_second: Optional[float] = None, device: str = "cpu", compute_type: str = "int8",
                  cpu_threads: int = 0, batch_size: int = 16, vad: bool = False, word_timestamps: bool = False,
-                 long_form: str = "sequential"):
+                 long_form: str = "sequential", chunk_seconds: float = 10.0):
         from faster_whisper import WhisperModel
         from transformers import WhisperProcessor
 
@@ -73,7 +76,7 @@ class CT2Transcriber:
         self.language, self.task, self.num_beams, self.timestamps = language, task, num_beams, timestamps
         self.trim_audio, self.no_repeat_ngram_size, self.max_tokens_per_second = trim_audio, no_repeat_ngram_size, max_tokens_per_second
         self.batch_size, self.vad, self.word_timestamps, self.long_form = max(1, batch_size), vad, word_timestamps, long_form
-        self.compute_type, self.model_dir = compute_type, str(model_dir)
+        self.compute_type, self.model_dir, self.chunk_seconds = compute_type, str(model_dir), chunk_seconds
         self._batched = None
 
     @classmethod
@@ -90,10 +93,13 @@ class CT2Transcriber:
         t = cfg.transcribe
         compute_type = compute_type_for(device, t.compute_type)
         model_dir = ct2_model_dir(cfg.model.name, adapter, compute_type)
+        from loratune.asr.longform import resolve_long_form
+
         w = cfg.whisper
+        trim = w.trim_audio if trim_audio is None else trim_audio
         return cls(model_dir, load_processor(cfg.model.name, adapter, "asr"), language, w.task, w.num_beams, w.timestamps,
-                   w.trim_audio if trim_audio is None else trim_audio, w.no_repeat_ngram_size, w.max_tokens_per_second,
-                   device, compute_type, t.cpu_threads, t.batch_size, t.vad, t.word_timestamps, t.long_form)
+                   trim, w.no_repeat_ngram_size, w.max_tokens_per_second, device, compute_type, t.cpu_threads, t.batch_size,
+                   t.vad, t.word_timestamps, resolve_long_form(t.long_form, trim), t.chunk_seconds)
 
     # ------------------------------------------------------------------ short clips: ctranslate2 batches
 
@@ -156,9 +162,7 @@ class CT2Transcriber:
                 words = [{"start": round(w.start, 2), "end": round(w.end, 2), "word": w.word, "probability": round(w.probability, 3)}
                          for w in (s.words or [])] if self.word_timestamps else None
                 segs.append(Segment(start, max(start, min(float(s.end), duration)), text, words))
-        # Chinese has no spaces between segments; other scripts get one
-        sep = "" if (info.language or "") in ("zh", "ja", "yue", "th", "lo", "km", "my", "bo") else " "
-        return Transcript(sep.join(s.text for s in segs), info.language, duration, segs)
+        return Transcript(join_texts([s.text for s in segs], info.language), info.language, duration, segs)
 
     def __call__(self, audios: Sequence[np.ndarray], max_new_tokens: Optional[int] = None) -> List[Transcript]:
         """Transcribe a batch: short clips by length in ctranslate2 batches, the rest one by one."""
@@ -170,7 +174,11 @@ class CT2Transcriber:
             for i, t in zip(idx, self._short([audios[i] for i in idx], max_new_tokens)):
                 out[i] = t
         for i in (i for i in range(len(audios)) if out[i] is None):
-            out[i] = self._with_timestamps(audios[i], max_new_tokens)
+            if self.long_form == "vad" and len(audios[i]) > WINDOW_SECONDS * SAMPLE_RATE and not self.word_timestamps:
+                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds),
+                                            lambda clips: self._short(clips, max_new_tokens), self.batch_size, self.language)
+            else:
+                out[i] = self._with_timestamps(audios[i], max_new_tokens)
         return out  # type: ignore[return-value]
 
 

@@ -127,38 +127,41 @@ def general_set_wer(transcriber, batch_size: int) -> float:
     return round(score(refs, hyps, "wer", "en")[0], 6)
 
 
-def long_form_check(transcriber, test, metric: str, language, clip_rate: float, minutes: float = 2.0) -> Dict:
+def long_form_check(transcriber, test, hyps: List[str], metric: str, language, minutes: float = 2.0) -> Dict:
     """Join test clips (0.5 s of silence between) into files of about ``minutes``, transcribe them
-    through the long-form path, and compare with clip-by-clip: CER gap and timestamp order."""
+    through the long-form path (``transcribe.long_form``, as ``loratune transcribe`` would), and
+    compare with the clip-by-clip ``hyps`` of the same clips: CER gap and timestamp order."""
+    from loratune.asr.longform import join_texts
     from loratune.core.audio import SAMPLE_RATE
 
     gap = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
-    files, refs, current, text = [], [], [], []
-    for audio, ref in zip(test.audios, test.texts):
+    files, refs, clip_hyps, current, text, hyp = [], [], [], [], [], []
+    for audio, ref, h in zip(test.audios, test.texts, hyps):
         current += [audio, gap]
         text.append(ref)
+        hyp.append(h)
         if sum(len(a) for a in current) >= minutes * 60 * SAMPLE_RATE:
             files.append(np.concatenate(current))
-            refs.append("".join(text))
-            current, text = [], []
+            refs.append(join_texts(text, language))
+            clip_hyps.append(join_texts(hyp, language))
+            current, text, hyp = [], [], []
             if len(files) == 2:
                 break
     if not files:  # fewer clips than one file: use what there is if it is long form at all
         joined = np.concatenate(current) if current else np.zeros(0, np.float32)
         if len(joined) <= 30 * SAMPLE_RATE:
             return {"long_form_files": 0}
-        files, refs = [joined], ["".join(text)]
-    saved = transcriber.trim_audio
-    try:
-        transcriber.trim_audio = False
-        outs = [transcriber([f])[0] for f in files]
-    finally:
-        transcriber.trim_audio = saved
+        files, refs, clip_hyps = [joined], [join_texts(text, language)], [join_texts(hyp, language)]
+    outs = [transcriber([f])[0] for f in files]  # the long-form path transcribe uses (transcribe.long_form)
     rate = score(refs, [o.text for o in outs], metric, language)[0]
+    # the same clips one by one, joined
+    clip_rate = score(refs, clip_hyps, metric, language)[0]
     increasing = all(all(a.start <= b.start and a.start <= a.end for a, b in zip(o.segments, o.segments[1:])) and o.segments
                      for o in outs)
-    return {"long_form_files": len(files), f"long_form_{metric}": round(rate, 6),
-            "long_form_cer_gap": round(rate - clip_rate, 6), "long_form_timestamps_ok": bool(increasing)}
+    return {"long_form_files": len(files), "long_form_seconds": round(sum(len(f) for f in files) / SAMPLE_RATE, 1),
+            f"long_form_{metric}": round(rate, 6), f"long_form_clip_{metric}": round(clip_rate, 6),
+            "long_form_cer_gap": round(rate - clip_rate, 6), "long_form_timestamps_ok": bool(increasing),
+            "long_form_mode": getattr(transcriber, "long_form", "sequential")}
 
 
 def print_table(metric: str, results: Dict[str, Dict], examples: List[Dict]) -> None:
@@ -201,10 +204,14 @@ def evaluate(cfg) -> Dict:
         for _, _, t in runs:
             t.batch_size = cfg.eval.batch_size
     else:
+        from loratune.asr.longform import resolve_long_form
+
         model, processor = load_asr(cfg)
-        w = cfg.whisper
+        w, t = cfg.whisper, cfg.transcribe
         transcriber = Transcriber(model, processor, language, w.task, w.num_beams, timestamps=False, trim_audio=w.trim_audio,
-                                  no_repeat_ngram_size=w.no_repeat_ngram_size, max_tokens_per_second=w.max_tokens_per_second)
+                                  no_repeat_ngram_size=w.no_repeat_ngram_size, max_tokens_per_second=w.max_tokens_per_second,
+                                  long_form=resolve_long_form(t.long_form, w.trim_audio), chunk_seconds=t.chunk_seconds,
+                                  batch_size=cfg.eval.batch_size)
         if cfg.model.adapter and cfg.eval.compare_base:
             runs.append(("base", model.disable_adapter, transcriber))
         runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, transcriber))
@@ -231,7 +238,7 @@ def evaluate(cfg) -> Dict:
             if cfg.model.adapter and cfg.eval.forgetting:
                 results[name]["general_wer"] = general_set_wer(transcriber, cfg.eval.batch_size)
             if cfg.model.adapter and cfg.eval.long_form and name == "adapter":
-                results[name].update(long_form_check(transcriber, test, metric, language, results[name][metric]))
+                results[name].update(long_form_check(transcriber, test, hyps, metric, language))
         write_predictions(out_dir / f"predictions_{name}.csv", test.ids, items)
     report = {
         "metric": metric,

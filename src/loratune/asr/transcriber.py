@@ -7,7 +7,8 @@
 Used by the ``transcribe``, ``evaluate`` and ``serve`` verbs. Clips up to 30 s are decoded in
 batches in one pass; longer files go through Whisper's own sequential long-form algorithm
 (transformers' ``generate`` on un-truncated features, timestamp tokens, each window starting at the
-last complete segment's end). ``check_audio`` is the one rule for what audio can be transcribed.
+last complete segment's end), or with ``transcribe.long_form=vad`` are cut at pauses and decoded as
+short clips (``asr/longform.py``; the default for short-clip adapters). ``check_audio`` is the one rule for what audio can be transcribed.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ class Transcriber:
     """Batched Whisper transcription of in-memory 16-kHz audio (used by transcribe and serve)."""
 
     def __init__(self, model, processor, language: Optional[str] = None, task: str = "transcribe", num_beams: int = 1, timestamps: bool = False, trim_audio: bool = False,
-                 no_repeat_ngram_size: int = 0, max_tokens_per_second: Optional[float] = None):
+                 no_repeat_ngram_size: int = 0, max_tokens_per_second: Optional[float] = None, long_form: str = "sequential",
+                 chunk_seconds: float = 10.0, batch_size: int = 8):
         import torch
 
         self.model, self.processor = model, processor
@@ -115,6 +117,7 @@ class Transcriber:
         if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             self.dtype = torch.float32
         self.no_repeat_ngram_size, self.max_tokens_per_second = no_repeat_ngram_size, max_tokens_per_second
+        self.long_form, self.chunk_seconds, self.batch_size = long_form, chunk_seconds, max(1, batch_size)
         self.trim_audio = False
         if trim_audio:
             from loratune.asr.trim import enable_encoder_trimming
@@ -131,8 +134,11 @@ class Transcriber:
         from loratune.asr.speed import apply_generation_speed  # whisper.static_cache / compile_encoder, off by default
 
         apply_generation_speed(model, cfg.whisper, cfg.model)
-        w = cfg.whisper
-        return cls(model, processor, language, w.task, w.num_beams, w.timestamps, w.trim_audio, w.no_repeat_ngram_size, w.max_tokens_per_second)
+        from loratune.asr.longform import resolve_long_form
+
+        w, t = cfg.whisper, cfg.transcribe
+        return cls(model, processor, language, w.task, w.num_beams, w.timestamps, w.trim_audio, w.no_repeat_ngram_size, w.max_tokens_per_second,
+                   resolve_long_form(t.long_form, w.trim_audio), t.chunk_seconds, t.batch_size)
 
     def _features(self, audios: Sequence[np.ndarray], long_form: bool):
         fe = self.processor.feature_extractor
@@ -183,6 +189,13 @@ class Transcriber:
         out: List[Optional[Transcript]] = [None] * len(audios)
         short = [i for i, a in enumerate(audios) if len(a) <= WINDOW_SECONDS * SAMPLE_RATE]
         long = sorted(set(range(len(audios))) - set(short))
+        if self.long_form == "vad":  # cut at pauses, decoded as short clips (asr/longform.py)
+            from loratune.asr.longform import speech_chunks, transcribe_chunked
+
+            for i in long:
+                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds),
+                                            lambda clips: self._decode(clips, False, max_new_tokens), self.batch_size, self.language)
+            long = []
         for group, long_form in ((short, False), (long, True)):
             if group:
                 for i, t in zip(group, self._decode([audios[i] for i in group], long_form, max_new_tokens)):
