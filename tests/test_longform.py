@@ -49,19 +49,22 @@ def models(tmp_path_factory):
 
 def test_chunks_cut_in_the_pauses_and_merge_up_to_the_limit(joined):
     audio, spans = joined
-    longest = max(e - s for s, e in spans) / SR
-    # a limit shorter than two clips plus a pause: one chunk a clip, every cut inside a pause
-    one_each = speech_chunks(audio, max_seconds=longest + 0.5)
+    # the default: every pause ends a chunk, so one chunk a clip, every cut inside a pause
+    one_each = speech_chunks(audio, max_seconds=10.0)
     assert len(one_each) == len(spans)
     for (cs, ce), (s, e) in zip(one_each, spans):
         assert s - 0.5 * SR <= cs <= s + 0.3 * SR and e - 0.3 * SR <= ce <= e + 0.5 * SR
-    merged = speech_chunks(audio, max_seconds=10.0)
+    merged = speech_chunks(audio, max_seconds=10.0, merge_seconds=8.0)
     assert 1 < len(merged) < len(spans)
-    assert all((e - s) / SR <= 10.0 for s, e in merged)
+    assert all((e - s) / SR <= 8.0 for s, e in merged)
     assert all(a[1] <= b[0] for a, b in zip(merged, merged[1:]))  # in order, no overlap
     # every clip lies inside one chunk (no word cut at a chunk border)
     assert all(any(cs <= s + 0.3 * SR and e - 0.3 * SR <= ce for cs, ce in merged) for s, e in spans)
     assert speech_chunks(np.zeros(40 * SR, np.float32), 10.0) == []
+    # one long stretch of speech without a pause is cut at the limit
+    talk = np.concatenate([audio[s:e] for s, e in spans])
+    cut = speech_chunks(talk, max_seconds=4.0)
+    assert len(cut) >= len(talk) / SR / 4.0 and all((e - s) / SR <= 4.0 + 0.5 for s, e in cut)
 
 
 def test_transcribe_chunked_places_segments_and_joins_text():

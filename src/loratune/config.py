@@ -196,6 +196,7 @@ _NUMBERS = {
     "eval.batch_size": (lambda v: v >= 1, "at least 1"),
     "transcribe.batch_size": (lambda v: v >= 1, "at least 1"),
     "transcribe.chunk_seconds": (lambda v: 1 <= v <= 30, "between 1 and 30 seconds (a chunk is decoded as one Whisper window)"),
+    "transcribe.merge_seconds": (lambda v: 0 <= v <= 30, "between 0 (no merging) and 30 seconds"),
     "whisper.generation_max_length": (lambda v: 1 <= v <= 448, "between 1 and 448 (Whisper's decoder positions)"),
     "whisper.num_beams": (lambda v: v >= 1, "at least 1"),
     "whisper.mask_time_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -348,9 +348,10 @@ class EvalSection:
     forgetting: bool = True
     """Whisper adapters: also transcribe the shipped general set (English sentences, each with its own
     language) with base and adapter, and report the WER of both (what fine-tuning forgot)."""
-    long_form: bool = False
-    """Whisper adapters: also transcribe 2-minute files joined from the test clips through the
-    long-form path; report its CER next to clip-by-clip and whether timestamps increase."""
+    long_form: bool = True
+    """Whisper adapters: also transcribe two 2-minute files joined from the test clips through the
+    long-form path ``transcribe.long_form`` picks; report its CER next to the same clips' clip-by-clip
+    CER and whether timestamps increase (fine-tuning on short clips broke long files once)."""
     max_cer: Optional[float] = None
     """Gate: exit with code 3 when the adapter's CER is above this (null = report only)."""
     max_wer: Optional[float] = None
@@ -428,7 +429,11 @@ class TranscribeSection:
     ``auto``: ``vad`` for an adapter trained in short-clip mode (``whisper.trim_audio=true``), which
     breaks in the 30-s loop (long-form CER 0.201 vs 0.062 on HSK dev), ``sequential`` otherwise."""
     chunk_seconds: float = 10.0
-    """``long_form=vad``: longest chunk; neighbouring speech spans are merged up to this length."""
+    """``long_form=vad``: longest chunk; the VAD cuts longer speech at its longest pause (or at the limit)."""
+    merge_seconds: float = 0.0
+    """``long_form=vad``: merge neighbouring speech spans while a chunk stays this short (0 = every pause
+    of 0.3 s ends a chunk). 0 for adapters trained on one sentence a clip: merged up to 5 s, the HSK
+    adapter dropped whole sentences (2-minute dev files: CER 0.123 against 0.046)."""
     vad: bool = False
     """ctranslate2 backend: Silero VAD filter (as faster-whisper ships it) for long files / timestamped output."""
     word_timestamps: bool = False

@@ -64,7 +64,7 @@ class CT2Transcriber:
                  timestamps: bool = False, trim_audio: bool = False, no_repeat_ngram_size: int = 0,
                  max_tokens_per_second: Optional[float] = None, device: str = "cpu", compute_type: str = "int8",
                  cpu_threads: int = 0, batch_size: int = 16, vad: bool = False, word_timestamps: bool = False,
-                 long_form: str = "sequential", chunk_seconds: float = 10.0):
+                 long_form: str = "sequential", chunk_seconds: float = 10.0, merge_seconds: float = 0.0):
         from faster_whisper import WhisperModel
         from transformers import WhisperProcessor
 
@@ -77,6 +77,7 @@ class CT2Transcriber:
         self.trim_audio, self.no_repeat_ngram_size, self.max_tokens_per_second = trim_audio, no_repeat_ngram_size, max_tokens_per_second
         self.batch_size, self.vad, self.word_timestamps, self.long_form = max(1, batch_size), vad, word_timestamps, long_form
         self.compute_type, self.model_dir, self.chunk_seconds = compute_type, str(model_dir), chunk_seconds
+        self.merge_seconds = merge_seconds
         self._batched = None
 
     @classmethod
@@ -99,7 +100,7 @@ class CT2Transcriber:
         trim = w.trim_audio if trim_audio is None else trim_audio
         return cls(model_dir, load_processor(cfg.model.name, adapter, "asr"), language, w.task, w.num_beams, w.timestamps,
                    trim, w.no_repeat_ngram_size, w.max_tokens_per_second, device, compute_type, t.cpu_threads, t.batch_size,
-                   t.vad, t.word_timestamps, resolve_long_form(t.long_form, trim), t.chunk_seconds)
+                   t.vad, t.word_timestamps, resolve_long_form(t.long_form, trim), t.chunk_seconds, t.merge_seconds)
 
     # ------------------------------------------------------------------ short clips: ctranslate2 batches
 
@@ -175,7 +176,7 @@ class CT2Transcriber:
                 out[i] = t
         for i in (i for i in range(len(audios)) if out[i] is None):
             if self.long_form == "vad" and len(audios[i]) > WINDOW_SECONDS * SAMPLE_RATE and not self.word_timestamps:
-                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds),
+                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds, self.merge_seconds),
                                             lambda clips: self._short(clips, max_new_tokens), self.batch_size, self.language)
             else:
                 out[i] = self._with_timestamps(audios[i], max_new_tokens)

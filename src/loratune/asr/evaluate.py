@@ -211,7 +211,7 @@ def evaluate(cfg) -> Dict:
         transcriber = Transcriber(model, processor, language, w.task, w.num_beams, timestamps=False, trim_audio=w.trim_audio,
                                   no_repeat_ngram_size=w.no_repeat_ngram_size, max_tokens_per_second=w.max_tokens_per_second,
                                   long_form=resolve_long_form(t.long_form, w.trim_audio), chunk_seconds=t.chunk_seconds,
-                                  batch_size=cfg.eval.batch_size)
+                                  batch_size=cfg.eval.batch_size, merge_seconds=t.merge_seconds)
         if cfg.model.adapter and cfg.eval.compare_base:
             runs.append(("base", model.disable_adapter, transcriber))
         runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, transcriber))

@@ -7,8 +7,9 @@
 Why: an adapter trained on 1-5-s clips without timestamp tokens does not carry over to Whisper's
 sequential 30-s windows (benchmarks/ACCURACY.md: on 2-minute files joined from dev clips the
 default HSK adapter's CER was 0.201 through that loop against 0.0616 clip by clip). Here Silero VAD
-(the model faster-whisper ships, run by its ``get_speech_timestamps``) finds the speech; neighbouring
-spans are merged while a chunk stays within ``transcribe.chunk_seconds``, and the chunks are decoded
+(the model faster-whisper ships, run by its ``get_speech_timestamps``) cuts the speech at its pauses
+into chunks of at most ``transcribe.chunk_seconds`` (merged up to ``transcribe.merge_seconds`` when
+that is set), and the chunks are decoded
 by the transcriber's own short-clip batch path (trimmed input when the adapter was trained so), so the
 model sees what it was trained on. A segment is a chunk: its times are the chunk's, from the VAD.
 
@@ -56,18 +57,22 @@ def resolve_long_form(mode: str, trim_audio: bool) -> str:
     return "vad"
 
 
-def speech_chunks(audio: np.ndarray, max_seconds: float, min_silence_ms: int = 300, pad_ms: int = 200) -> List[Tuple[int, int]]:
-    """``[(start, end)]`` sample spans of speech, neighbours merged while a chunk lasts at most ``max_seconds``.
+def speech_chunks(audio: np.ndarray, max_seconds: float, merge_seconds: float = 0.0, min_silence_ms: int = 300,
+                  pad_ms: int = 200) -> List[Tuple[int, int]]:
+    """``[(start, end)]`` sample spans of speech, at most ``max_seconds`` each; neighbours are merged
+    while the merged chunk lasts at most ``merge_seconds`` (0 = every pause ends a chunk).
 
     A pause of ``min_silence_ms`` ends a span (faster-whisper's default of 2 s would make one span of
     a whole talk); ``pad_ms`` of context is kept on each side, as Silero's own default padding does.
-    One span longer than ``max_seconds`` is cut by the VAD at its longest pause (or hard at the limit)."""
+    One span longer than ``max_seconds`` is cut by the VAD at its longest pause (or hard at the limit).
+    Why no merging by default: the HSK adapter, trained on one sentence a clip, drops the second
+    sentence of a merged chunk (2-minute dev files: CER 0.046 unmerged, 0.123 merged up to 5 s)."""
     from faster_whisper.vad import VadOptions, get_speech_timestamps
 
     opts = VadOptions(min_silence_duration_ms=min_silence_ms, speech_pad_ms=pad_ms, max_speech_duration_s=max_seconds,
                       min_speech_duration_ms=250)
     spans = [(int(s["start"]), int(s["end"])) for s in get_speech_timestamps(np.asarray(audio, np.float32), opts)]
-    limit = int(max_seconds * SAMPLE_RATE)
+    limit = int(min(merge_seconds, max_seconds) * SAMPLE_RATE)
     chunks: List[Tuple[int, int]] = []
     for start, end in spans:
         if chunks and end - chunks[-1][0] <= limit:

@@ -106,7 +106,7 @@ class Transcriber:
 
     def __init__(self, model, processor, language: Optional[str] = None, task: str = "transcribe", num_beams: int = 1, timestamps: bool = False, trim_audio: bool = False,
                  no_repeat_ngram_size: int = 0, max_tokens_per_second: Optional[float] = None, long_form: str = "sequential",
-                 chunk_seconds: float = 10.0, batch_size: int = 8):
+                 chunk_seconds: float = 10.0, batch_size: int = 8, merge_seconds: float = 0.0):
         import torch
 
         self.model, self.processor = model, processor
@@ -118,6 +118,7 @@ class Transcriber:
             self.dtype = torch.float32
         self.no_repeat_ngram_size, self.max_tokens_per_second = no_repeat_ngram_size, max_tokens_per_second
         self.long_form, self.chunk_seconds, self.batch_size = long_form, chunk_seconds, max(1, batch_size)
+        self.merge_seconds = merge_seconds
         self.trim_audio = False
         if trim_audio:
             from loratune.asr.trim import enable_encoder_trimming
@@ -138,7 +139,7 @@ class Transcriber:
 
         w, t = cfg.whisper, cfg.transcribe
         return cls(model, processor, language, w.task, w.num_beams, w.timestamps, w.trim_audio, w.no_repeat_ngram_size, w.max_tokens_per_second,
-                   resolve_long_form(t.long_form, w.trim_audio), t.chunk_seconds, t.batch_size)
+                   resolve_long_form(t.long_form, w.trim_audio), t.chunk_seconds, t.batch_size, t.merge_seconds)
 
     def _features(self, audios: Sequence[np.ndarray], long_form: bool):
         fe = self.processor.feature_extractor
@@ -193,7 +194,7 @@ class Transcriber:
             from loratune.asr.longform import speech_chunks, transcribe_chunked
 
             for i in long:
-                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds),
+                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds, self.merge_seconds),
                                             lambda clips: self._decode(clips, False, max_new_tokens), self.batch_size, self.language)
             long = []
         for group, long_form in ((short, False), (long, True)):
