@@ -291,3 +291,30 @@ def test_packaged_gemma_alias_caches_and_generates(tmp_path, monkeypatch):
 
     answer = generate_batch(model, tok, ["Translate to English: 我喜欢喝茶。"], cfg, "instruction", 12)[0]
     assert "tea" in answer.lower()
+
+
+def test_fsdp_qlora_keeps_one_dtype_per_layer_and_the_checkpointing_switch(tiny_llama, monkeypatch):
+    """FSDP flattens each decoder layer into one tensor of one dtype: under ``accelerate launch`` with an
+    FSDP config the bf16-stored 4-bit base keeps its norms in bf16 (prepare_model_for_kbit_training would
+    make them fp32, which stopped the 70B recipe on an H200: RESULTS.md run 35). Outside FSDP the
+    upcast stays. And SFTConfig gets checkpointing under the name this transformers knows."""
+    import torch
+
+    from loratune.core.adapters import attach_lora
+    from loratune.llm.model import load_causal_lm
+    from loratune.llm.train import sft_args
+
+    overrides = ["task=sft", f"model.name={tiny_llama}", "quant.bits=4", "quant.compute_dtype=bfloat16",
+                 "quant.quant_storage=bfloat16", "lora.target_modules=[q_proj,v_proj]", "train.gradient_checkpointing=true"]
+    cfg = load_config(None, overrides)
+
+    def layer_dtypes(model):
+        layer = model.base_model.model.model.layers[0]
+        return {p.dtype for n, p in layer.named_parameters() if "lora_" not in n}
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert layer_dtypes(attach_lora(load_causal_lm(cfg, trainable=True), cfg, "CAUSAL_LM")) == {torch.bfloat16}
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert torch.float32 in layer_dtypes(attach_lora(load_causal_lm(cfg, trainable=True), cfg, "CAUSAL_LM"))
+    args = sft_args(cfg, 16)
+    assert getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None)) is True

@@ -118,15 +118,21 @@ def attach_lora(model: torch.nn.Module, cfg: RunConfig, task_type: str, gradient
     check_target_modules(model, lora.target_modules)
     before = footprint_gb(model)
     use_gc = cfg.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    if cfg.quant.bits:
+    # FSDP + QLoRA: FSDP flattens each wrapped unit (a decoder layer) into one tensor of one dtype, so
+    # the norms must stay in the bf16 the 4-bit weights are stored in (quant.quant_storage);
+    # prepare_model_for_kbit_training would upcast them to fp32 ("Must flatten tensors with uniform
+    # dtype", measured on an H200 with the 70B recipe's architecture, benchmarks/RESULTS.md run 35)
+    fsdp_qlora = bool(cfg.quant.bits == 4 and cfg.quant.quant_storage and fsdp_launched())
+    if cfg.quant.bits and not fsdp_qlora:
         # Casts norms/embeddings to fp32 and enables input grads so checkpointing works on a frozen base.
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=use_gc,
             gradient_checkpointing_kwargs={"use_reentrant": False} if use_gc else None,
         )
-    elif use_gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif use_gc or fsdp_qlora:
+        if use_gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
     peft_cfg = LoraConfig(
@@ -154,6 +160,13 @@ def attach_lora(model: torch.nn.Module, cfg: RunConfig, task_type: str, gradient
         "footprint_gb_with_adapters": round(after, 4),
     }
     return model
+
+
+def fsdp_launched() -> bool:
+    """True in a process ``accelerate launch`` started with an FSDP config (it sets ACCELERATE_USE_FSDP)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def device_map_for_rank():

@@ -115,7 +115,7 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loratune.core.adapters import DTYPES, bnb_config, device_map_for_rank, keep_4bit_layout
+    from loratune.core.adapters import DTYPES, bnb_config, device_map_for_rank, fsdp_launched, keep_4bit_layout
 
     name, gguf = resolve_causal(cfg.model.name, cfg.model.gguf_file)
     quant = bnb_config(cfg.quant)
@@ -128,7 +128,7 @@ def load_causal_lm(cfg: RunConfig, adapter: Optional[str] = None, trainable: boo
         kwargs["gguf_file"] = gguf
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        if not fsdp_launched():
             # DDP: one whole quantised copy per rank, loaded straight onto that rank's GPU
             kwargs["device_map"] = device_map_for_rank() or {"": "cpu"}
         # FSDP + QLoRA: no device_map; accelerate shards the bf16-stored 4-bit weights itself

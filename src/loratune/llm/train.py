@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 def sft_args(cfg: RunConfig, n_train: int):
     """TRL SFTConfig from the TrainSection (warm-up as a fraction of an epoch, CPU-safe precision)."""
+    import dataclasses
+
     from trl import SFTConfig
 
     from loratune.core.trainer_args import common_training_kwargs
@@ -27,12 +29,14 @@ def sft_args(cfg: RunConfig, n_train: int):
     t = cfg.train
     common = common_training_kwargs(t, n_train, t.eval_strategy, streaming=cfg.data.streaming)
     full_ckpt = bool(t.gradient_checkpointing and t.checkpoint_fraction >= 1.0)
+    # attach_lora has switched checkpointing on already; the Trainer would switch it on for every layer
+    # again, undoing train.checkpoint_fraction < 1. The argument's name moved within transformers 5
+    # (5.24, the lock: activation_checkpointing; 5.17, the GPU image: gradient_checkpointing)
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return SFTConfig(
         **common,
-        # transformers 5's name for gradient checkpointing. attach_lora has switched it on already; the
-        # Trainer would switch it on for every layer again, undoing train.checkpoint_fraction < 1
-        activation_checkpointing=full_ckpt,
-        activation_checkpointing_kwargs={"use_reentrant": False} if full_ckpt else None,
+        **{ckpt: full_ckpt, f"{ckpt}_kwargs": {"use_reentrant": False} if full_ckpt else None},
         data_seed=cfg.data.seed,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         train_sampling_strategy="group_by_length" if t.group_by_length and not cfg.sft.packing else "random",
