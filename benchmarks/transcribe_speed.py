@@ -8,13 +8,14 @@ Short clips: ``--clips`` HSK dev rows (seeded pick) through
   * loratune ctranslate2, padded 30-s input (the CER reference for trimming),
   * faster-whisper ``WhisperModel.transcribe`` clip by clip on the *same* CT2 copy (= ``loratune export``
     of the adapter at int8), beam 1, language zh, otherwise its defaults,
-  * loratune transformers, trimmed (the recipe's 4-bit base + adapter, the previous ``transcribe`` path).
+  * loratune transformers, trimmed (the recipe's base + adapter, the previous ``transcribe`` path).
 The clips are cut into ``--rounds`` chunks and the systems take turns on each chunk (order rotated),
 so a load change on the shared CPU hits all of them alike; clips/s = clips / summed seconds.
 Long files: dev clips joined (0.5 s gaps) into a ~29-s and a ~120-s file, each decoded ``--repeats``
 times per system, alternating; real-time factor = median seconds / audio seconds. faster-whisper
 gets the decoding options loratune's long-form path uses (beam 1, temperature 0, no conditioning on
-the previous window), so the transcripts can be compared for equality.
+the previous window), so the transcripts can be compared for equality. Over 30 s every
+``transcribe.long_form`` mode runs; the default for a short-clip adapter is ``vad`` (asr/longform.py).
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def main() -> None:
     fw = WhisperModel(model_dir, device="cpu", compute_type="int8", cpu_threads=args.threads)
     systems["faster-whisper 1.2.1 int8 (same CT2 copy), beam 1"] = lambda batch, **_: [type("T", (), {"text": fw_text(fw, a)}) for a in batch]
     if "transformers" not in skip:
-        systems["loratune transformers (4-bit + adapter), trimmed"] = Transcriber.from_config(cfg)
+        systems["loratune transformers (recipe base + adapter), trimmed"] = Transcriber.from_config(cfg)
     budget = cfg.whisper.generation_max_length
 
     hyps = {name: [""] * len(audios) for name in systems}
@@ -131,16 +132,21 @@ def main() -> None:
             audio, ref = joined(audios, refs, target)
             dur = len(audio) / SR
             opts = dict(condition_on_previous_text=False, temperature=0.0)
-            runs = {"loratune ctranslate2 int8": lambda a=audio: ct2([a])[0].text,
-                    "faster-whisper 1.2.1 int8": lambda a=audio: fw_text(fw, a, **opts)}
-            if dur > 30:
-                def batched(a=audio):
-                    ct2.long_form = "batched"
+            def mode(name, a=audio):
+                def run():
+                    saved, ct2.long_form = ct2.long_form, name
                     try:
                         return ct2([a])[0].text
                     finally:
-                        ct2.long_form = "sequential"
-                runs["loratune ctranslate2 int8, long_form=batched (VAD)"] = batched
+                        ct2.long_form = saved
+                return run
+
+            runs = {f"loratune ctranslate2 int8 (default{', long_form=' + ct2.long_form if dur > 30 else ''})": mode(ct2.long_form),
+                    "faster-whisper 1.2.1 int8": lambda a=audio: fw_text(fw, a, **opts)}
+            if dur > 30:
+                for name in ("sequential", "batched", "vad"):
+                    if name != ct2.long_form:
+                        runs[f"loratune ctranslate2 int8, long_form={name}"] = mode(name)
             times = {n: [] for n in runs}
             texts = {}
             for rep in range(args.repeats):
