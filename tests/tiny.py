@@ -110,4 +110,7 @@ def tiny_asr_overrides(tiny, clips_csv, hsk_dir, out, batch: int = 2) -> list:
         f"model.name={tiny}", f"data.csv={clips_csv}", f"data.audio_dir={hsk_dir / 'audio'}",
         "data.eval_split=null", "data.eval_ratio=0.25", f"data.cache_dir={out.parent / 'cache'}",
         f"train.output_dir={out}", f"train.batch_size={batch}", "train.logging_steps=1", "train.threads=1",
+        # the recipe's tempo perturbation draws per rank and worker: off, so runs compare exactly
+        # (tests/test_augment.py trains with augmentation on its own)
+        "data.features=log_mel", "augment.tempos=[]",
     ]
