@@ -112,5 +112,5 @@ def tiny_asr_overrides(tiny, clips_csv, hsk_dir, out, batch: int = 2) -> list:
         f"train.output_dir={out}", f"train.batch_size={batch}", "train.logging_steps=1", "train.threads=1",
         # the recipe's tempo perturbation draws per rank and worker: off, so runs compare exactly
         # (tests/test_augment.py trains with augmentation on its own)
-        "data.features=log_mel", "augment.tempos=[]",
+        "data.features=log_mel", "augment.tempos=[]", "whisper.num_beams=1",
     ]
