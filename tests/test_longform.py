@@ -118,6 +118,12 @@ def test_vad_long_form_decodes_chunks_as_clips(models, joined, backend, tmp_path
     assert [round(s.start, 3) for s in long.segments] == [round(s / SR, 3) for (s, e), a in zip(chunks, alone) if a]
     assert long.text == "".join(alone)  # the same text as each chunk transcribed as a clip of its own
     assert all(a.end <= b.start for a, b in zip(long.segments, long.segments[1:]))
+    # a 20-s file (under Whisper's 30 s, over chunk_seconds) is chunked too: given to a short-clip
+    # adapter as one clip, a file of many sentences kept only the first ones (CER 0.86, issue 15 rows)
+    mid = audio[: 20 * SR]
+    mid_chunks = speech_chunks(mid, cfg.transcribe.chunk_seconds)
+    assert len(mid_chunks) >= 3
+    assert t([mid], max_new_tokens=8)[0].text == "".join(t([mid[s:e]], max_new_tokens=8)[0].text for s, e in mid_chunks)
     if backend == "transformers":  # the reference loop is still there when asked for
         t.long_form = "sequential"
         assert isinstance(t([audio], max_new_tokens=8)[0], Transcript)

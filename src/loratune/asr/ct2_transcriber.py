@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from loratune.asr.longform import join_texts, speech_chunks, transcribe_chunked
+from loratune.asr.longform import join_texts, longest_clip_seconds, speech_chunks, transcribe_chunked
 from loratune.asr.transcriber import WINDOW_SECONDS, Segment, Transcript
 from loratune.core.audio import SAMPLE_RATE
 
@@ -169,13 +169,15 @@ class CT2Transcriber:
         """Transcribe a batch: short clips by length in ctranslate2 batches, the rest one by one."""
         out: List[Optional[Transcript]] = [None] * len(audios)
         timed = self.timestamps or self.word_timestamps
-        short = sorted((i for i, a in enumerate(audios) if len(a) <= WINDOW_SECONDS * SAMPLE_RATE and not timed), key=lambda i: len(audios[i]))
+        vad = self.long_form == "vad" and not self.word_timestamps
+        limit = longest_clip_seconds(self.long_form if vad else "sequential", self.chunk_seconds) * SAMPLE_RATE
+        short = sorted((i for i, a in enumerate(audios) if len(a) <= limit and not timed), key=lambda i: len(audios[i]))
         for start in range(0, len(short), self.batch_size):
             idx = short[start : start + self.batch_size]
             for i, t in zip(idx, self._short([audios[i] for i in idx], max_new_tokens)):
                 out[i] = t
         for i in (i for i in range(len(audios)) if out[i] is None):
-            if self.long_form == "vad" and len(audios[i]) > WINDOW_SECONDS * SAMPLE_RATE and not self.word_timestamps:
+            if vad and len(audios[i]) > limit:
                 out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds, self.merge_seconds),
                                             lambda clips: self._short(clips, max_new_tokens), self.batch_size, self.language)
             else:

@@ -57,6 +57,13 @@ def resolve_long_form(mode: str, trim_audio: bool) -> str:
     return "vad"
 
 
+def longest_clip_seconds(long_form: str, chunk_seconds: float) -> float:
+    """Files longer than this go through the long-form path: 30 s (one Whisper window), or with
+    ``vad`` the chunk limit, because a short-clip adapter given a 28-s file of many sentences as one
+    clip kept only the first ones (CER 0.86 on a 28.5-s file of dev clips, RESULTS.md issue 15)."""
+    return chunk_seconds if long_form == "vad" else 30.0
+
+
 def speech_chunks(audio: np.ndarray, max_seconds: float, merge_seconds: float = 0.0, min_silence_ms: int = 300,
                   pad_ms: int = 200) -> List[Tuple[int, int]]:
     """``[(start, end)]`` sample spans of speech, at most ``max_seconds`` each; neighbours are merged

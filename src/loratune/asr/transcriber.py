@@ -188,7 +188,10 @@ class Transcriber:
     def __call__(self, audios: Sequence[np.ndarray], max_new_tokens: Optional[int] = None) -> List[Transcript]:
         """Transcribe a batch; short clips and long files are decoded in separate passes."""
         out: List[Optional[Transcript]] = [None] * len(audios)
-        short = [i for i, a in enumerate(audios) if len(a) <= WINDOW_SECONDS * SAMPLE_RATE]
+        from loratune.asr.longform import longest_clip_seconds
+
+        limit = longest_clip_seconds(self.long_form, self.chunk_seconds) * SAMPLE_RATE
+        short = [i for i, a in enumerate(audios) if len(a) <= limit]
         long = sorted(set(range(len(audios))) - set(short))
         if self.long_form == "vad":  # cut at pauses, decoded as short clips (asr/longform.py)
             from loratune.asr.longform import speech_chunks, transcribe_chunked
