@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from loratune.asr.longform import join_texts, longest_clip_seconds, speech_chunks, transcribe_chunked
+from loratune.asr.longform import join_texts, longest_clip_seconds, transcribe_at_pauses
 from loratune.asr.transcriber import WINDOW_SECONDS, Segment, Transcript
 from loratune.core.audio import SAMPLE_RATE
 
@@ -178,8 +178,8 @@ class CT2Transcriber:
                 out[i] = t
         for i in (i for i in range(len(audios)) if out[i] is None):
             if vad and len(audios[i]) > limit:
-                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds, self.merge_seconds),
-                                            lambda clips: self._short(clips, max_new_tokens), self.batch_size, self.language)
+                out[i] = transcribe_at_pauses(audios[i], lambda clips: self._short(clips, max_new_tokens), self.chunk_seconds,
+                                              self.merge_seconds, self.batch_size, self.language)
             else:
                 out[i] = self._with_timestamps(audios[i], max_new_tokens)
         return out  # type: ignore[return-value]

@@ -13,7 +13,7 @@ that is set), and the chunks are decoded
 by the transcriber's own short-clip batch path (trimmed input when the adapter was trained so), so the
 model sees what it was trained on. A segment is a chunk: its times are the chunk's, from the VAD.
 
-Both backends (``asr/transcriber.py``, ``asr/ct2_transcriber.py``) call ``transcribe_chunked``.
+Both backends (``asr/transcriber.py``, ``asr/ct2_transcriber.py``) call ``transcribe_at_pauses``.
 Tests: ``python -m pytest -q tests/test_longform.py``.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ from loratune.core.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "sequential", "batched", "vad")
 NO_SPACE_LANGUAGES = ("zh", "ja", "yue", "th", "lo", "km", "my", "bo")  # scripts written without spaces between phrases
 
 
@@ -87,6 +86,12 @@ def speech_chunks(audio: np.ndarray, max_seconds: float, merge_seconds: float = 
         else:
             chunks.append((start, end))
     return chunks
+
+
+def transcribe_at_pauses(audio: np.ndarray, decode: Callable[[List[np.ndarray]], list], chunk_seconds: float,
+                         merge_seconds: float, batch_size: int, language: Optional[str]):
+    """``long_form=vad`` for one file: ``speech_chunks`` then ``transcribe_chunked`` (both backends)."""
+    return transcribe_chunked(audio, speech_chunks(audio, chunk_seconds, merge_seconds), decode, batch_size, language)
 
 
 def transcribe_chunked(audio: np.ndarray, chunks: Sequence[Tuple[int, int]], decode: Callable[[List[np.ndarray]], list],

@@ -194,11 +194,11 @@ class Transcriber:
         short = [i for i, a in enumerate(audios) if len(a) <= limit]
         long = sorted(set(range(len(audios))) - set(short))
         if self.long_form == "vad":  # cut at pauses, decoded as short clips (asr/longform.py)
-            from loratune.asr.longform import speech_chunks, transcribe_chunked
+            from loratune.asr.longform import transcribe_at_pauses
 
             for i in long:
-                out[i] = transcribe_chunked(audios[i], speech_chunks(audios[i], self.chunk_seconds, self.merge_seconds),
-                                            lambda clips: self._decode(clips, False, max_new_tokens), self.batch_size, self.language)
+                out[i] = transcribe_at_pauses(audios[i], lambda clips: self._decode(clips, False, max_new_tokens), self.chunk_seconds,
+                                              self.merge_seconds, self.batch_size, self.language)
             long = []
         for group, long_form in ((short, False), (long, True)):
             if group:
