@@ -29,6 +29,7 @@ from loratune.config_sections import (  # noqa: F401  (re-exported: the sections
     MergeSection,
     ModelSection,
     QuantSection,
+    RescoreSection,
     ServeSection,
     SFTSection,
     TrainSection,
@@ -54,6 +55,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     transcribe: TranscribeSection = field(default_factory=TranscribeSection)
+    rescore: RescoreSection = field(default_factory=RescoreSection)
     merge: MergeSection = field(default_factory=MergeSection)
     serve: ServeSection = field(default_factory=ServeSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
@@ -138,6 +140,7 @@ _CHOICES = {
     "train.frozen_dtype": (None, "float32", "float16", "bfloat16"),
     "model.sdpa_backend": (None, "cudnn", "flash", "efficient"),
     "transcribe.backend": ("auto", "ctranslate2", "transformers"),
+    "rescore.dtype": ("bfloat16", "float32"),
     "transcribe.long_form": ("auto", "sequential", "batched", "vad"),
     "eval.backend": ("transformers", "ctranslate2"),
 }
@@ -199,6 +202,9 @@ _NUMBERS = {
     "transcribe.merge_seconds": (lambda v: 0 <= v <= 30, "between 0 (no merging) and 30 seconds"),
     "whisper.generation_max_length": (lambda v: 1 <= v <= 448, "between 1 and 448 (Whisper's decoder positions)"),
     "whisper.num_beams": (lambda v: v >= 1, "at least 1"),
+    "rescore.hypotheses": (lambda v: v >= 2, "at least 2 (one hypothesis leaves nothing to choose)"),
+    "rescore.lm_weight": (lambda v: v >= 0, "0 or more"),
+    "rescore.batch_size": (lambda v: v >= 1, "at least 1"),
     "whisper.mask_time_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "whisper.mask_feature_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "augment.gain_db": (lambda v: 0 <= v <= 40, "between 0 and 40 dB"),

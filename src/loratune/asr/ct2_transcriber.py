@@ -64,7 +64,7 @@ class CT2Transcriber:
                  timestamps: bool = False, trim_audio: bool = False, no_repeat_ngram_size: int = 0,
                  max_tokens_per_second: Optional[float] = None, device: str = "cpu", compute_type: str = "int8",
                  cpu_threads: int = 0, batch_size: int = 16, vad: bool = False, word_timestamps: bool = False,
-                 long_form: str = "sequential", chunk_seconds: float = 10.0, merge_seconds: float = 0.0):
+                 long_form: str = "sequential", chunk_seconds: float = 10.0, merge_seconds: float = 0.0, rescorer=None):
         from faster_whisper import WhisperModel
         from transformers import WhisperProcessor
 
@@ -78,11 +78,13 @@ class CT2Transcriber:
         self.batch_size, self.vad, self.word_timestamps, self.long_form = max(1, batch_size), vad, word_timestamps, long_form
         self.compute_type, self.model_dir, self.chunk_seconds = compute_type, str(model_dir), chunk_seconds
         self.merge_seconds = merge_seconds
+        self.rescorer = rescorer  # asr/rescore.LMRescorer, short clips and VAD chunks only
         self._batched = None
 
     @classmethod
-    def from_config(cls, cfg, adapter: Optional[str] = "config", trim_audio: Optional[bool] = None) -> "CT2Transcriber":
-        """Build (or reuse) the CT2 copy of ``cfg.model`` and load it. ``adapter=None``: the base alone."""
+    def from_config(cls, cfg, adapter: Optional[str] = "config", trim_audio: Optional[bool] = None, rescorer="config") -> "CT2Transcriber":
+        """Build (or reuse) the CT2 copy of ``cfg.model`` and load it. ``adapter=None``: the base alone;
+        ``rescorer``: an already loaded ``LMRescorer`` (or None) instead of the one ``cfg.rescore`` asks for."""
         import ctranslate2
 
         from loratune.asr.ct2_model import compute_type_for, ct2_model_dir
@@ -95,18 +97,21 @@ class CT2Transcriber:
         compute_type = compute_type_for(device, t.compute_type)
         model_dir = ct2_model_dir(cfg.model.name, adapter, compute_type)
         from loratune.asr.longform import resolve_long_form
+        from loratune.asr.rescore import LMRescorer
 
         w = cfg.whisper
         trim = w.trim_audio if trim_audio is None else trim_audio
         return cls(model_dir, load_processor(cfg.model.name, adapter, "asr"), language, w.task, w.num_beams, w.timestamps,
                    trim, w.no_repeat_ngram_size, w.max_tokens_per_second, device, compute_type, t.cpu_threads, t.batch_size,
-                   t.vad, t.word_timestamps, resolve_long_form(t.long_form, trim), t.chunk_seconds, t.merge_seconds)
+                   t.vad, t.word_timestamps, resolve_long_form(t.long_form, trim), t.chunk_seconds, t.merge_seconds,
+                   LMRescorer.from_config(cfg) if rescorer == "config" else rescorer)
 
     # ------------------------------------------------------------------ short clips: ctranslate2 batches
 
     def _prompt(self, language: Optional[str]) -> List[int]:
-        tokens = ["<|startoftranscript|>"] + ([f"<|{language}|>"] if language else []) + [f"<|{self.task}|>", "<|notimestamps|>"]
-        return self.tokenizer.convert_tokens_to_ids(tokens)
+        from loratune.asr.transcriber import decoder_prompt
+
+        return decoder_prompt(self.tokenizer, language, self.task)
 
     def _short(self, audios: Sequence[np.ndarray], max_new_tokens: Optional[int]) -> List[Transcript]:
         import ctranslate2
@@ -131,9 +136,19 @@ class CT2Transcriber:
         # ctranslate2's Whisper halves max_length before decoding (whisper.cc: max_length / 2 new
         # tokens, as openai-whisper's sample_len = n_text_ctx // 2), so N new tokens need 2 * N
         max_length = 2 * min(budget, 448 - len(prompts[0])) if budget else 448
-        results = self.model.generate(features, prompts, beam_size=self.num_beams, max_length=max_length,
-                                      no_repeat_ngram_size=self.no_repeat_ngram_size)
-        texts = [t.strip() for t in self.tokenizer.batch_decode([r.sequences_ids[0] for r in results], skip_special_tokens=True)]
+        if self.rescorer is not None:  # n-best list re-ranked by a causal LM (asr/rescore.py)
+            k = self.rescorer.hypotheses
+            results = self.model.generate(features, prompts, beam_size=k, num_hypotheses=k, return_scores=True,
+                                          max_length=max_length, no_repeat_ngram_size=self.no_repeat_ngram_size)
+            # scores are length-normalised log-probabilities (length_penalty=1): times the length, the sum
+            nbests = [[(t.strip(), score * len(ids)) for t, score, ids in
+                       zip(self.tokenizer.batch_decode(r.sequences_ids, skip_special_tokens=True), r.scores, r.sequences_ids)]
+                      for r in results]
+            texts = self.rescorer.choose(nbests)
+        else:
+            results = self.model.generate(features, prompts, beam_size=self.num_beams, max_length=max_length,
+                                          no_repeat_ngram_size=self.no_repeat_ngram_size)
+            texts = [t.strip() for t in self.tokenizer.batch_decode([r.sequences_ids[0] for r in results], skip_special_tokens=True)]
         out = []
         for audio, text, lang in zip(audios, texts, languages):
             duration = len(audio) / SAMPLE_RATE

@@ -195,12 +195,15 @@ def evaluate(cfg) -> Dict:
     test = load_test_set(cfg)  # data errors surface before the model loads
     log.info("test set: %d clips from %s", len(test.ids), test.source)
     runs = []  # (name, context that switches the adapter off or leaves the model as it is, transcriber)
+    from loratune.asr.rescore import LMRescorer
+
+    rescorer = LMRescorer.from_config(cfg)  # one LM for both models: the same decoding before and after
     if cfg.eval.backend == "ctranslate2":  # the deployment path: one cached CT2 copy per model
         from loratune.asr.ct2_transcriber import CT2Transcriber
 
         if cfg.model.adapter and cfg.eval.compare_base:
-            runs.append(("base", contextlib.nullcontext, CT2Transcriber.from_config(cfg, adapter=None)))
-        runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, CT2Transcriber.from_config(cfg)))
+            runs.append(("base", contextlib.nullcontext, CT2Transcriber.from_config(cfg, adapter=None, rescorer=rescorer)))
+        runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, CT2Transcriber.from_config(cfg, rescorer=rescorer)))
         for _, _, t in runs:
             t.batch_size = cfg.eval.batch_size
     else:
@@ -211,7 +214,7 @@ def evaluate(cfg) -> Dict:
         transcriber = Transcriber(model, processor, language, w.task, w.num_beams, timestamps=False, trim_audio=w.trim_audio,
                                   no_repeat_ngram_size=w.no_repeat_ngram_size, max_tokens_per_second=w.max_tokens_per_second,
                                   long_form=resolve_long_form(t.long_form, w.trim_audio), chunk_seconds=t.chunk_seconds,
-                                  batch_size=cfg.eval.batch_size, merge_seconds=t.merge_seconds)
+                                  batch_size=cfg.eval.batch_size, merge_seconds=t.merge_seconds, rescorer=rescorer)
         if cfg.model.adapter and cfg.eval.compare_base:
             runs.append(("base", model.disable_adapter, transcriber))
         runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, transcriber))

@@ -106,7 +106,7 @@ class Transcriber:
 
     def __init__(self, model, processor, language: Optional[str] = None, task: str = "transcribe", num_beams: int = 1, timestamps: bool = False, trim_audio: bool = False,
                  no_repeat_ngram_size: int = 0, max_tokens_per_second: Optional[float] = None, long_form: str = "sequential",
-                 chunk_seconds: float = 10.0, batch_size: int = 8, merge_seconds: float = 0.0):
+                 chunk_seconds: float = 10.0, batch_size: int = 8, merge_seconds: float = 0.0, rescorer=None):
         import torch
 
         self.model, self.processor = model, processor
@@ -119,6 +119,7 @@ class Transcriber:
         self.no_repeat_ngram_size, self.max_tokens_per_second = no_repeat_ngram_size, max_tokens_per_second
         self.long_form, self.chunk_seconds, self.batch_size = long_form, chunk_seconds, max(1, batch_size)
         self.merge_seconds = merge_seconds
+        self.rescorer = rescorer  # asr/rescore.LMRescorer: the n-best list re-ranked by a causal LM
         self.trim_audio = False
         if trim_audio:
             from loratune.asr.trim import enable_encoder_trimming
@@ -136,10 +137,12 @@ class Transcriber:
 
         apply_generation_speed(model, cfg.whisper, cfg.model)
         from loratune.asr.longform import resolve_long_form
+        from loratune.asr.rescore import LMRescorer
 
         w, t = cfg.whisper, cfg.transcribe
         return cls(model, processor, language, w.task, w.num_beams, w.timestamps, w.trim_audio, w.no_repeat_ngram_size, w.max_tokens_per_second,
-                   resolve_long_form(t.long_form, w.trim_audio), t.chunk_seconds, t.batch_size, t.merge_seconds)
+                   resolve_long_form(t.long_form, w.trim_audio), t.chunk_seconds, t.batch_size, t.merge_seconds,
+                   LMRescorer.from_config(cfg))
 
     def _features(self, audios: Sequence[np.ndarray], long_form: bool):
         fe = self.processor.feature_extractor
@@ -227,9 +230,12 @@ class Transcriber:
                 kwargs.update(condition_on_prev_tokens=False)
             if timestamps:
                 kwargs["return_segments"] = True
-            result = self.model.generate(input_features=x, **kwargs)
-        sequences = result["sequences"] if isinstance(result, dict) else result
-        texts = [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+            if self.rescorer is not None and not timestamps:
+                result, texts = None, self._rescored(x, mask, languages, max_new_tokens)
+            else:
+                result = self.model.generate(input_features=x, **kwargs)
+                sequences = result["sequences"] if isinstance(result, dict) else result
+                texts = [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
         transcripts = []
         for b, audio in enumerate(audios):
             duration = len(audio) / SAMPLE_RATE
@@ -244,6 +250,36 @@ class Transcriber:
                 segments = [Segment(0.0, duration, texts[b])]
             transcripts.append(Transcript(texts[b], languages[b], duration, segments))
         return transcripts
+
+
+    def _rescored(self, x, mask, languages: List[str], max_new_tokens: Optional[int]) -> List[str]:
+        """Each clip's beam-search n-best list with Whisper's summed log-probabilities, chosen by the LM.
+
+        Through the generic ``generate``: Whisper's own repeats the input once per returned sequence
+        and decodes each copy alone, which gives the same top hypothesis k times, not an n-best list.
+        """
+        import torch
+        from transformers import GenerationMixin
+
+        k = self.rescorer.hypotheses
+        gen = self._generation_config(None)
+        gen.num_beams = gen.num_return_sequences = k
+        gen.output_scores = gen.return_dict_in_generate = True
+        gen.forced_decoder_ids = None  # the prompt below holds start, language, task and no-timestamps
+        if max_new_tokens:  # the generic generate counts max_length with the prompt: give new tokens instead
+            gen.max_new_tokens, gen.max_length = max_new_tokens, None
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # LoRA layers stay in
+        prompt = torch.tensor([decoder_prompt(self.tokenizer, lang, self.task) for lang in languages], device=self.device)
+        out = GenerationMixin.generate(model, input_features=x, attention_mask=mask, decoder_input_ids=prompt, generation_config=gen)
+        steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+        return self.rescorer.choose([[(texts[b * k + j], float(steps[b * k + j].sum())) for j in range(k)] for b in range(len(languages))])
+
+
+def decoder_prompt(tokenizer, language: Optional[str], task: str) -> List[int]:
+    """Whisper's decoder prompt without timestamps: start, language (when known), task."""
+    tokens = ["<|startoftranscript|>"] + ([f"<|{language}|>"] if language else []) + [f"<|{task}|>", "<|notimestamps|>"]
+    return tokenizer.convert_tokens_to_ids(tokens)
 
 
 # ---------------------------------------------------------------------------------------------
