@@ -5,6 +5,8 @@ score rule, the n-best lists both backends hand over). The accuracy rows are in 
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from sft_tiny import make_tiny_llama
@@ -98,7 +100,15 @@ def test_each_backend_hands_over_the_beam_n_best(whisper, lm_dir, hsk_dir, backe
     monkeypatch.setattr(LMRescorer, "choose", lambda self, nbests: seen.extend(nbests) or [n[0][0] for n in nbests])
     rescoring = make_transcriber(load_config(None, [*common, f"rescore.lm={lm_dir}", "rescore.hypotheses=3"]), backend)
     assert rescoring.rescorer is not None
-    rescoring(clips, max_new_tokens=10)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        rescoring(clips, max_new_tokens=10)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "attention mask" in r.getMessage() or "seem to have been set" in r.getMessage()]
     assert len(seen) == len(clips) and all(len(n) == 3 for n in seen)
     for n, top in zip(seen, beam_top):
         assert top in [t for t, _ in n]  # the plain beam search's answer is one of the candidates

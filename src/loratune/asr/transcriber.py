@@ -266,10 +266,10 @@ class Transcriber:
         gen.num_beams = gen.num_return_sequences = k
         gen.output_scores = gen.return_dict_in_generate = True
         gen.forced_decoder_ids = None  # the prompt below holds start, language, task and no-timestamps
-        if max_new_tokens:  # the generic generate counts max_length with the prompt: give new tokens instead
-            gen.max_new_tokens, gen.max_length = max_new_tokens, None
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # LoRA layers stay in
         prompt = torch.tensor([decoder_prompt(self.tokenizer, lang, self.task) for lang in languages], device=self.device)
+        # the generic generate counts max_length with the prompt (Whisper's own counts after it)
+        gen.max_length = min((max_new_tokens or gen.max_length) + prompt.shape[1], model.config.max_target_positions)
         out = GenerationMixin.generate(model, input_features=x, attention_mask=mask, decoder_input_ids=prompt, generation_config=gen)
         steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
         texts = [t.strip() for t in self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
