@@ -5,6 +5,7 @@ score rule, the n-best lists both backends hand over). The accuracy rows are in 
 """
 from __future__ import annotations
 
+import csv
 import logging
 
 import pytest
@@ -113,3 +114,25 @@ def test_each_backend_hands_over_the_beam_n_best(whisper, lm_dir, hsk_dir, backe
     for n, top in zip(seen, beam_top):
         assert top in [t for t, _ in n]  # the plain beam search's answer is one of the candidates
         assert all(s <= 0 for _, s in n) and len({s for _, s in n}) > 1  # summed log-probabilities, not copies
+
+
+@pytest.mark.parametrize("backend", ["transformers", "ctranslate2"])
+def test_evaluate_rescores_base_and_adapter_with_one_lm(whisper, lm_dir, hsk_dir, tmp_path, backend, monkeypatch):
+    from loratune.asr.evaluate import evaluate
+
+    base, adapter = whisper
+    loads = []
+    original = LMRescorer.from_config.__func__
+    monkeypatch.setattr(LMRescorer, "from_config", classmethod(lambda cls, cfg: loads.append(1) or original(cls, cfg)))
+    rows = list(csv.DictReader(open(hsk_dir / "metadata.csv", encoding="utf-8-sig")))[:3]
+    csv_path = tmp_path / "dev.csv"
+    csv_path.write_text("ID,sentence,split\n" + "".join(f"{r['ID']},{r['sentence']},dev\n" for r in rows), encoding="utf-8")
+    report = evaluate(load_config(None, [
+        f"model.name={base}", f"model.adapter={adapter}", f"data.csv={csv_path}", f"data.audio_dir={hsk_dir / 'audio'}",
+        "data.eval_split=dev", f"eval.output_dir={tmp_path / 'eval'}", f"eval.backend={backend}", "eval.forgetting=false",
+        "eval.long_form=false", "whisper.generation_max_length=8", "transcribe.compute_type=float32", "transcribe.cpu_threads=1",
+        f"rescore.lm={lm_dir}", "rescore.hypotheses=3", "rescore.dtype=float32"]))
+    assert len(loads) == 1  # one LM for the base and the adapter
+    assert set(report["results"]) == {"base", "adapter"} and all(r["clips"] == 3 for r in report["results"].values())
+    assert report["rescore"]["lm"] == str(lm_dir) and report["num_beams"] == 3 and report["backend"] == backend
+    assert LMRescorer.from_config(load_config(None, [])) is None

@@ -253,6 +253,9 @@ def evaluate(cfg) -> Dict:
         "model": cfg.model.name,
         "adapter": cfg.model.adapter,
         "quant_bits": cfg.quant.bits,
+        "backend": cfg.eval.backend,
+        "num_beams": cfg.whisper.num_beams if rescorer is None else cfg.rescore.hypotheses,
+        "rescore": dataclasses.asdict(cfg.rescore) if rescorer is not None else None,  # the n-best LM, when on
         "results": results,
     }
     if "general_wer" in results.get("base", {}) and "general_wer" in results.get("adapter", {}):
