@@ -52,7 +52,7 @@ class LMRescorer:
     """Scores texts with a causal LM and picks the best of each clip's n-best list."""
 
     def __init__(self, model, tokenizer, lm_weight: float = 0.5, length_bonus: float = 0.5, hypotheses: int = 5,
-                 batch_size: int = 64):
+                 batch_size: int = 16):
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
             raise ConfigError("rescore.lm: its tokenizer has neither a BOS nor an EOS token to start a text with; "
@@ -104,7 +104,8 @@ class LMRescorer:
             mask = (torch.arange(width, device=self.device)[None] < lengths[:, None]).long()
             with torch.inference_mode():
                 logits = self.model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
-            picked = torch.log_softmax(logits, -1).gather(-1, inp[:, 1:, None])[..., 0] * mask[:, 1:]
+                # log-softmax at the next tokens only: no second vocabulary-wide tensor (Gemma's is 262k wide)
+                picked = (logits.gather(-1, inp[:, 1:, None])[..., 0] - logits.logsumexp(-1)) * mask[:, 1:]
             for k, i in enumerate(idx):
                 out[i] = float(picked[k].sum())
         return out
