@@ -44,25 +44,26 @@ def main(argv=None) -> int:
     if hasattr(transcriber, "trim_audio"):
         transcriber.trim_audio = cfg.whisper.trim_audio and bool(cfg.model.adapter)
     rescorer: LMRescorer = transcriber.rescorer
-    records = {}  # audio-order is lost inside batches: key the candidates by their clip's chosen slot
-    seen = []
-    original = rescorer.choose
+    seen = []  # every n-best list, in the order the transcriber asked
+    lm = {}  # text -> the LM log-probability the rescorer itself computed (one LM pass, the scores it chose by)
+    choose, log_probs = rescorer.choose, rescorer.log_probs
 
-    def recording(nbests):
-        chosen = original(nbests)
+    def recording_choose(nbests):
         seen.extend(nbests)
-        return chosen
+        return choose(nbests)
 
-    rescorer.choose = recording
+    def recording_log_probs(texts):
+        scores = log_probs(texts)
+        lm.update(zip(texts, scores))
+        return scores
+
+    rescorer.choose, rescorer.log_probs = recording_choose, recording_log_probs
     start = time.time()
-    order = sorted(range(len(test.audios)), key=lambda i: len(test.audios[i]))
     transcribe_all(transcriber, test.audios, cfg.eval.batch_size, cfg.whisper.generation_max_length, "n-best")
     seconds = time.time() - start
-    # transcribe_all feeds clips by length in batches, so `seen` follows `order`
-    for i, nbest in zip(order, seen):
-        records[i] = nbest
-    texts = sorted({t for n in seen for t, _ in n if t})
-    lm = dict(zip(texts, rescorer.log_probs(texts)))
+    # transcribe_all decodes the clips sorted by length (a stable sort), one batch after another
+    order = sorted(range(len(test.audios)), key=lambda i: len(test.audios[i]))
+    records = dict(zip(order, seen))
     ref_norm = [normalize(r, cfg.whisper.language) for r in test.texts]
     n_chars = sum(len("".join(r.split())) for r in ref_norm)
     clips = []

@@ -446,7 +446,7 @@ class RescoreSection:
 
     lm: Optional[str] = None
     """Causal LM that re-ranks each clip's n-best list (``gemma3-270m`` = the packaged Gemma 3 270M, a Hub
-    id, a directory or a .gguf file); null = off. HSK dev: CER 0.0555 greedy -> 0.029 (ACCURACY.md rows R)."""
+    id, a directory or a .gguf file); null = off. HSK dev: CER 0.0555 greedy -> 0.0250 (ACCURACY.md rows R1, R2)."""
     hypotheses: int = 5
     """Beam width and n-best size used when rescoring (it replaces ``whisper.num_beams``)."""
     lm_weight: float = 0.5

@@ -89,7 +89,7 @@ class LMRescorer:
         return cls(model, tok, r.lm_weight, r.length_bonus, r.hypotheses, r.batch_size)
 
     def log_probs(self, texts: Sequence[str]) -> List[float]:
-        """Summed log-probability of each text after the start token (no end token: measured no better)."""
+        """Summed log-probability of each text after the start token (no end token: a pilot with one was no better)."""
         import torch
 
         ids = [[self.start_id] + self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]

@@ -251,7 +251,6 @@ class Transcriber:
             transcripts.append(Transcript(texts[b], languages[b], duration, segments))
         return transcripts
 
-
     def _rescored(self, x, mask, languages: List[str], max_new_tokens: Optional[int]) -> List[str]:
         """Each clip's beam-search n-best list with Whisper's summed log-probabilities, chosen by the LM.
 
