@@ -454,9 +454,9 @@ class RescoreSection:
     length_bonus: float = 0.5
     """Score added per output character (whitespace not counted): offsets the LM's liking for short texts."""
     batch_size: int = 16
-    """Candidate texts per LM forward pass (16: 1.5x the texts/s of 64 on 2 cores, the logits stay in cache)."""
+    """Candidate texts per LM forward pass (small batches keep the vocabulary-wide logits small)."""
     dtype: str = "bfloat16"
-    """LM weights: ``bfloat16`` (1.5x float32's speed on a CPU with AVX512-BF16, log-probs within 0.1) or ``float32``."""
+    """LM weights: ``bfloat16`` (faster on CPUs with AVX512-BF16 and on GPUs) or ``float32`` (exact)."""
 
 
 @dataclass
