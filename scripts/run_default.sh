@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command one: the embedded default, offline on a CPU.
 #   1. install (scripts/setup.sh), 2. QLoRA-fine-tune the packaged Whisper base on the HSK train
-#   split, 3. score the dev split before (base) and after (adapter) in one evaluate run.
+#   split, 3. score the dev split before (base) and after (adapter) in one evaluate run (the base's row
+#   is stored in ~/.cache/loratune/eval-base on the first run and reused while nothing that decides it changes).
 # Extra key=value arguments go to both steps, e.g. `bash scripts/run_default.sh train.epochs=1`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -96,6 +96,55 @@ def test_int8_base_trains_a_few_steps(tiny, clips_csv, hsk_dir, tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 
 
+def test_cpu_bf16_trains_under_autocast_with_a_float32_adapter(tiny, clips_csv, hsk_dir, tmp_path, monkeypatch):
+    """train.cpu_bf16: forwards in bf16 on a CPU that has it, adapter and optimiser in float32;
+    a CPU without native bf16 trains in float32."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    import loratune.core.speed as speed
+    from loratune.core.trainer_args import common_training_kwargs
+
+    def linear_output_dtypes(native: bool, *overrides):
+        """dtypes of every nn.Linear output while training 2 steps (the Trainer hands fp32 logits on)."""
+        monkeypatch.setattr(speed, "cpu_native_bf16", lambda: native)  # CI's CPU may lack it (oneDNN emulates)
+        seen = set()
+        hook = register_module_forward_hook(lambda m, i, o: seen.add(o.dtype) if isinstance(m, torch.nn.Linear) else None)
+        try:
+            summary = train(run_cfg(tiny, clips_csv, hsk_dir, out, "whisper.trim_audio=true", "train.max_steps=2",
+                                    "train.eval_strategy=no", "train.report_to=[none]", *overrides))
+        finally:
+            hook.remove()
+        return seen, summary
+
+    out = tmp_path / "fp32"
+    seen, summary = linear_output_dtypes(False, "train.cpu_bf16=true")  # asked for, CPU without it: float32
+    assert seen == {torch.float32} and "cpu_bf16_autocast" not in summary["speed"]
+    out = tmp_path / "bf16"
+    seen, summary = linear_output_dtypes(True, "train.cpu_bf16=true")
+    assert seen == {torch.bfloat16} and summary["speed"].get("cpu_bf16_autocast") is True
+    cfg = load_config(out / "loratune_config.yaml")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.float32} and all(torch.isfinite(v).all() for v in saved.values())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # it trained
+    assert common_training_kwargs(cfg.train, 8, "no")["bf16"] is True
+    monkeypatch.setattr(speed, "cpu_native_bf16", lambda: False)
+    assert common_training_kwargs(cfg.train, 8, "no")["bf16"] is False  # no native bf16: float32
+    monkeypatch.setattr(speed, "cpu_native_bf16", lambda: True)
+    assert common_training_kwargs(run_cfg(tiny, clips_csv, hsk_dir, out, "train.cpu_bf16=false").train, 8, "no")["bf16"] is False
+
+
+def test_cpu_native_bf16_reads_the_cpu_flags(tmp_path):
+    from loratune.core.speed import cpu_native_bf16
+
+    for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_native_bf16(str(info)) is expected, flags
+    assert cpu_native_bf16(str(tmp_path / "missing")) is False
+
+
 def test_target_module_matching_nothing_stops_before_training(tiny, clips_csv, hsk_dir, tmp_path):
     out = tmp_path / "badtarget"
     cfg = run_cfg(tiny, clips_csv, hsk_dir, out, "quant.bits=0", "lora.target_modules=[q_proj,qkv_proj]", "train.report_to=[none]")

@@ -140,7 +140,7 @@ def test_transcribe_cli_long_file_and_word_timestamps(models, hsk_dir, tmp_path)
         assert all("words" in s for s in segs)
 
 
-def test_evaluate_on_the_ctranslate2_backend(models, hsk_dir, tmp_path):
+def test_evaluate_on_the_ctranslate2_backend(models, hsk_dir, tmp_path, monkeypatch):
     from test_evaluate import _cfg as eval_cfg
 
     from loratune.asr.evaluate import evaluate
@@ -152,6 +152,7 @@ def test_evaluate_on_the_ctranslate2_backend(models, hsk_dir, tmp_path):
         w.writeheader()
         w.writerows({k: r[k] for k in ("ID", "sentence", "split")} for r in [r for r in rows if r["split"] == "dev"][:4] + [r for r in rows if r["split"] == "train"][:1])
     base, adapter = models
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "cache"))  # CT2 copies and the base row: fresh
     common = [f"model.adapter={adapter}", "eval.forgetting=false", "transcribe.compute_type=float32", "whisper.trim_audio=true"]
     ref = evaluate(eval_cfg(base, data, hsk_dir, tmp_path / "hf", *common))
     got = evaluate(eval_cfg(base, data, hsk_dir, tmp_path / "ct2", *common, "eval.backend=ctranslate2"))
@@ -159,6 +160,12 @@ def test_evaluate_on_the_ctranslate2_backend(models, hsk_dir, tmp_path):
         assert got["results"][name]["cer"] == ref["results"][name]["cer"] and got["results"][name]["clips"] == 4
     hyps = [{r["ID"]: r["hypothesis"] for r in csv.DictReader(open(tmp_path / d / "predictions_adapter.csv", encoding="utf-8"))} for d in ("hf", "ct2")]
     assert hyps[0] == hyps[1]
+    # again: the base row comes from the cache, and no base model is built for it
+    built, real = [], CT2Transcriber.from_config.__func__
+    monkeypatch.setattr(CT2Transcriber, "from_config", classmethod(lambda cls, cfg, adapter="config", **k: built.append(adapter) or real(cls, cfg, adapter, **k)))
+    again = evaluate(eval_cfg(base, data, hsk_dir, tmp_path / "again", *common, "eval.backend=ctranslate2"))
+    assert built == ["config"] and again["results"]["base"].pop("cached") and again["results"]["base"] == got["results"]["base"]
+    assert again["results"]["adapter"]["cer"] == got["results"]["adapter"]["cer"]
 
 
 def test_serve_batches_concurrent_requests_on_ctranslate2(models, hsk_dir):

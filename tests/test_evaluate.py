@@ -119,3 +119,38 @@ def test_a_test_table_needs_no_train_rows(models, small_csv, hsk_dir, tmp_path):
         w.writerows(rows)
     report = evaluate(_cfg(base, only_dev, hsk_dir, tmp_path / "out", "eval.limit=2"))
     assert report["results"]["base"]["clips"] == 2
+
+
+def test_base_row_is_reused_only_when_nothing_changed(models, small_csv, hsk_dir, tmp_path, monkeypatch):
+    """The base's row comes back from the cache without transcribing; any change of decoding, test
+    audio or eval.cache_base=false scores it again."""
+    import dataclasses
+
+    import loratune.asr.evaluate as E
+    from loratune.asr.base_cache import base_row_key
+
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "cache"))
+    base, adapter = models
+    extra = (f"model.adapter={adapter}", "eval.forgetting=false", "eval.long_form=false")
+    calls, real = [], E.transcribe_all
+    monkeypatch.setattr(E, "transcribe_all", lambda t, audios, bs, n, desc: calls.append(desc) or real(t, audios, bs, n, desc))
+    first = evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / "a", *extra))
+    stored = list((tmp_path / "cache" / "eval-base").glob("*.json"))
+    assert calls == ["generate (base)", "generate (adapter)"] and len(stored) == 1 and "cached" not in first["results"]["base"]
+    calls.clear()
+    second = evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / "b", *extra))
+    assert calls == ["generate (adapter)"]  # the base was not transcribed again
+    b1, b2 = first["results"]["base"], second["results"]["base"]
+    assert b2.pop("cached") == str(stored[0]) and b2 == b1
+    assert (tmp_path / "a" / "predictions_base.csv").read_text("utf-8") == (tmp_path / "b" / "predictions_base.csv").read_text("utf-8")
+    for changed in ("whisper.no_repeat_ngram_size=3", "eval.cache_base=false"):
+        calls.clear()
+        third = evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / "c", *extra, changed))
+        assert calls == ["generate (base)", "generate (adapter)"] and "cached" not in third["results"]["base"], changed
+    # the key follows the decoded audio and the references, not only the file names
+    cfg = _cfg(base, small_csv, hsk_dir, tmp_path / "d", *extra)
+    test = E.load_test_set(cfg)
+    louder = dataclasses.replace(test, audios=[test.audios[0] * 1.01, *test.audios[1:]])
+    other_text = dataclasses.replace(test, texts=["别的", *test.texts[1:]])
+    keys = {base_row_key(cfg, t) for t in (test, louder, other_text)}
+    assert len(keys) == 3 and base_row_key(cfg, test) == base_row_key(cfg, E.load_test_set(cfg))

@@ -77,6 +77,9 @@ def test_score_rule_weights_length_bonus_duplicates_and_empty_candidates(lm_dir)
     assert _rescorer(lm_dir, "rescore.lm_weight=0", "rescore.length_bonus=0").choose([twice]) == [texts[1]]
     # an empty candidate never wins against text (the LM would score it 0 for free); alone it stays
     assert r.choose([[("", 0.0), (texts[2], -50.0)], [("", -1.0)], []]) == [texts[2], "", ""]
+    # nor does a candidate cut inside a multi-byte character (seen on HSK dev: 别吵了，孩子在睡觉 -> "别\ufffd")
+    cut = texts[2][:1] + "\ufffd"
+    assert r.choose([[(cut, 0.0), (texts[2], -50.0)], [(cut, -1.0)]]) == [texts[2], cut]
 
 
 def test_bad_rescore_options_are_one_line(lm_dir, tmp_path):

@@ -9,7 +9,8 @@ training-only ``data.max_eval_samples`` cap is ignored, ``eval.limit`` takes N r
 seeded by ``eval.shuffle_seed``). With ``model.adapter`` and ``eval.compare_base=true`` the base is
 scored too, by switching the adapter off (``PeftModel.disable_adapter``) on the one loaded model.
 ``whisper.trim_audio`` (short-clip mode) applies to the adapter only: the base is scored on
-Whisper's native 30-s input. Metric: ``whisper.metric`` (``auto`` = CER for zh/ja/ko/th/yue, WER otherwise) on normalised text
+Whisper's native 30-s input, and its row is reused from the cache when nothing that decides it changed
+(:mod:`loratune.asr.base_cache`, ``eval.cache_base``). Metric: ``whisper.metric`` (``auto`` = CER for zh/ja/ko/th/yue, WER otherwise) on normalised text
 (:func:`loratune.core.metrics.normalize`). Outputs in ``eval.output_dir`` (default ``<adapter>/eval``
 or ``<train.output_dir>/eval``): ``metrics.json`` and ``predictions_<model>.csv`` (ID, reference,
 hypothesis, normalised forms, edit counts), worst utterance first; a table on screen.
@@ -171,6 +172,9 @@ def print_table(metric: str, results: Dict[str, Dict], examples: List[Dict]) -> 
         general = f"{r['general_wer']:>8.4f}" if r.get("general_wer") is not None else f"{'-':>8}"
         print(f"{name:<9} {r[metric]:>7.4f} {r['errors']:>8} {r['ref_units']:>7} {r['clips']:>6} {r['seconds']:>8.1f} {r['clips_per_second']:>8.2f}"
               f" {r['insertion_rate']:>6.3f} {r['loop_rate']:>6.3f} {r['long_rate']:>6.3f} {r['empty_rate']:>6.3f} {general}")
+    for name, r in results.items():
+        if r.get("cached"):
+            print(f"{name}: row reused from {r['cached']} (same base, test set and decoding; eval.cache_base=false scores it again)")
     if "base" in results and "adapter" in results and results["base"][metric] > 0:
         drop = 1 - results["adapter"][metric] / results["base"][metric]
         print(f"relative {metric.upper()} change, adapter vs base: {-drop:+.1%}")
@@ -195,17 +199,24 @@ def evaluate(cfg) -> Dict:
     test = load_test_set(cfg)  # data errors surface before the model loads
     log.info("test set: %d clips from %s", len(test.ids), test.source)
     runs = []  # (name, context that switches the adapter off or leaves the model as it is, transcriber)
+    from loratune.asr.base_cache import base_row_key, load_base_row, save_base_row
     from loratune.asr.rescore import LMRescorer
+
+    base_key = base_row_key(cfg, test) if cfg.eval.cache_base else None
+    cached = load_base_row(base_key, len(test.ids))  # the base never changes: its row is reused
+    if cached and not cfg.model.adapter:
+        cached = None  # scoring the base alone is what was asked: score it
 
     rescorer = LMRescorer.from_config(cfg)  # one LM for both models: the same decoding before and after
     if cfg.eval.backend == "ctranslate2":  # the deployment path: one cached CT2 copy per model
         from loratune.asr.ct2_transcriber import CT2Transcriber
 
-        if cfg.model.adapter and cfg.eval.compare_base:
-            runs.append(("base", contextlib.nullcontext, CT2Transcriber.from_config(cfg, adapter=None, rescorer=rescorer)))
+        if cfg.model.adapter and cfg.eval.compare_base:  # a cached base row needs no base model
+            runs.append(("base", contextlib.nullcontext, None if cached else CT2Transcriber.from_config(cfg, adapter=None, rescorer=rescorer)))
         runs.append(("adapter" if cfg.model.adapter else "base", contextlib.nullcontext, CT2Transcriber.from_config(cfg, rescorer=rescorer)))
         for _, _, t in runs:
-            t.batch_size = cfg.eval.batch_size
+            if t is not None:
+                t.batch_size = cfg.eval.batch_size
     else:
         from loratune.asr.longform import resolve_long_form
 
@@ -222,11 +233,16 @@ def evaluate(cfg) -> Dict:
     for name, context, transcriber in runs:
         # The untuned base always sees Whisper's native 30-s padded input: fed trimmed input it
         # falls into repetition loops (measured on whisper-base/HSK), which would inflate "before".
-        transcriber.trim_audio = cfg.whisper.trim_audio and name == "adapter"
+        from_cache = cached if name == "base" else None
+        if transcriber is not None:
+            transcriber.trim_audio = cfg.whisper.trim_audio and name == "adapter"
         with context():
             start = time.perf_counter()
-            hyps = transcribe_all(transcriber, test.audios, cfg.eval.batch_size, cfg.whisper.generation_max_length, f"generate ({name})")
-            seconds = time.perf_counter() - start
+            if from_cache:
+                hyps, seconds = from_cache["hyps"], from_cache["seconds"]
+            else:
+                hyps = transcribe_all(transcriber, test.audios, cfg.eval.batch_size, cfg.whisper.generation_max_length, f"generate ({name})")
+                seconds = time.perf_counter() - start
             rate, items = score(test.texts, hyps, metric, language)
             details[name] = items
             results[name] = {
@@ -239,7 +255,12 @@ def evaluate(cfg) -> Dict:
                 **hallucination_signals(items, metric),
             }
             if cfg.model.adapter and cfg.eval.forgetting:
-                results[name]["general_wer"] = general_set_wer(transcriber, cfg.eval.batch_size)
+                results[name]["general_wer"] = (from_cache["general_wer"] if from_cache
+                                                else general_set_wer(transcriber, cfg.eval.batch_size))
+            if from_cache:  # seconds: those of the run that scored it
+                results[name]["cached"] = from_cache["path"]
+            elif name == "base":
+                save_base_row(base_key, hyps, results[name].get("general_wer"), seconds)
             if cfg.model.adapter and cfg.eval.long_form and name == "adapter":
                 results[name].update(long_form_check(transcriber, test, hyps, metric, language))
         write_predictions(out_dir / f"predictions_{name}.csv", test.ids, items)

@@ -117,8 +117,10 @@ class LMRescorer:
         lm = dict(zip(texts, self.log_probs(texts)))
         chosen = []
         for n in nbests:
-            # an empty candidate would get the LM's probability for free: only taken when all are empty
-            n = [(t, s) for t, s in n if t] or n[:1]
+            # an empty candidate would get the LM's probability for free: only taken when all are empty;
+            # a candidate ending inside a multi-byte character (U+FFFD after decoding: the beam stopped
+            # between a character's byte tokens) is cut-off text: only taken when all are
+            n = [(t, s) for t, s in n if t and "\ufffd" not in t] or [(t, s) for t, s in n if t] or n[:1]
             if not n:
                 chosen.append("")
                 continue

@@ -175,6 +175,23 @@ def set_sdpa_backend(name: Optional[str]) -> bool:
     return True
 
 
+def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU has bfloat16 instructions (x86 ``avx512_bf16`` or ``amx_bf16``); elsewhere oneDNN
+    emulates bf16, slower than float32. (The HSK default trained ~15 % faster with it and scored worse:
+    benchmarks/ACCURACY.md row B1.)"""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no way to tell, stay float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_autocast_bf16(t) -> bool:
+    """Whether a CPU run trains under bf16 autocast (``train.cpu_bf16`` and a CPU that has it)."""
+    return bool(getattr(t, "cpu_bf16", False)) and not torch.cuda.is_available() and cpu_native_bf16()
+
+
 def check_device_support(cfg) -> None:
     """Refuse, in one line and before data loading or training, settings this machine cannot run."""
     from loratune.errors import ConfigError
@@ -191,6 +208,8 @@ def check_device_support(cfg) -> None:
             f"{torch.cuda.get_device_name(0)} has no bfloat16; set train.bf16=false train.fp16=true "
             "quant.compute_dtype=float16 (and train.frozen_dtype=float16 if set)"
         )
+    if getattr(cfg.train, "cpu_bf16", False) and not cuda and not cpu_native_bf16():
+        log.info("train.cpu_bf16: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16): training in float32")
     if cfg.model.attn_implementation == "flex_attention" and not cuda:
         raise ConfigError("model.attn_implementation=flex_attention trains only on a CUDA GPU; use sdpa here")
     if cfg.train.liger_kernel:
@@ -246,6 +265,8 @@ def apply_training_speed(model: nn.Module, cfg, hooks: Optional[SpeedHooks] = No
         done["cast_frozen_tensors"] = cast_frozen(model, DTYPES[frozen])
         if frozen in ("bfloat16", "float16") and hooks.after_half_cast(model):
             done["encoder_input_dtype"] = frozen
+    if cpu_autocast_bf16(t):  # the Trainer's autocast does it; recorded in the run summary
+        done["cpu_bf16_autocast"] = True
     fraction = getattr(t, "checkpoint_fraction", 1.0)
     if t.gradient_checkpointing and fraction < 1.0:
         done["checkpointed_layers"] = set_checkpointed_layers(peft_base(model), fraction)

@@ -33,6 +33,8 @@ def common_training_kwargs(t, n_train: int, eval_strategy: str, streaming: bool 
     """Keywords every trainer takes, from a :class:`loratune.config.TrainSection`."""
     import torch
 
+    from loratune.core.speed import cpu_autocast_bf16
+
     cuda = torch.cuda.is_available()
     per_epoch = steps_per_epoch(t, n_train)
     warmup = math.ceil(t.warmup_epochs * per_epoch) if t.warmup_epochs > 0 else t.warmup_steps
@@ -54,7 +56,8 @@ def common_training_kwargs(t, n_train: int, eval_strategy: str, streaming: bool 
         warmup_steps=int(warmup),
         max_grad_norm=t.max_grad_norm,
         fp16=bool(t.fp16 and cuda),  # mixed precision is CUDA-only; on the CPU the switches are ignored
-        bf16=bool(t.bf16 and cuda),  # (TRL's SFTConfig would otherwise default bf16 to True)
+        # (TRL's SFTConfig would otherwise default bf16 to True); train.cpu_bf16: autocast on a CPU with bf16
+        bf16=bool(t.bf16 and cuda) or cpu_autocast_bf16(t),
         use_cpu=not cuda,
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
