@@ -147,6 +147,13 @@ def test_base_row_is_reused_only_when_nothing_changed(models, small_csv, hsk_dir
         calls.clear()
         third = evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / "c", *extra, changed))
         assert calls == ["generate (base)", "generate (adapter)"] and "cached" not in third["results"]["base"], changed
+    # a base-only evaluation stores no general-set WER: an adapter run with the forgetting check scores the base
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "cache2"))
+    evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / "e", "eval.forgetting=true"))
+    calls.clear()
+    both = evaluate(_cfg(base, small_csv, hsk_dir, tmp_path / "f", f"model.adapter={adapter}", "eval.long_form=false"))
+    assert calls[0] == "generate (base)" and "cached" not in both["results"]["base"]
+    assert both["results"]["adapter"]["forgetting_wer_increase"] is not None
     # the key follows the decoded audio and the references, not only the file names
     cfg = _cfg(base, small_csv, hsk_dir, tmp_path / "d", *extra)
     test = E.load_test_set(cfg)

@@ -94,15 +94,16 @@ def _path(key: str) -> Path:
     return cache_root() / "eval-base" / f"{key}.json"
 
 
-def load_base_row(key: Optional[str], n_clips: int) -> Optional[dict]:
-    """The stored row (``hyps``, ``general_wer``, ``seconds``, ``path``) or None."""
+def load_base_row(key: Optional[str], n_clips: int, needs_general: bool = False) -> Optional[dict]:
+    """The stored row (``hyps``, ``general_wer``, ``seconds``, ``path``) or None; ``needs_general``:
+    only a row that has its general-set WER (a base-only evaluation does not score that set)."""
     if not key or not _path(key).is_file():
         return None
     try:
         row = json.loads(_path(key).read_text("utf-8"))
     except (OSError, ValueError):  # unreadable: score again (and overwrite)
         return None
-    if len(row.get("hyps", [])) != n_clips:
+    if len(row.get("hyps", [])) != n_clips or (needs_general and row.get("general_wer") is None):
         return None
     log.info("base row from the cache: %s (eval.cache_base=false to score it again)", _path(key))
     return {**row, "path": str(_path(key))}

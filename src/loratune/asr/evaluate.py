@@ -203,7 +203,8 @@ def evaluate(cfg) -> Dict:
     from loratune.asr.rescore import LMRescorer
 
     base_key = base_row_key(cfg, test) if cfg.eval.cache_base else None
-    cached = load_base_row(base_key, len(test.ids))  # the base never changes: its row is reused
+    # the base never changes: its row is reused (with its general-set WER when the gate needs it)
+    cached = load_base_row(base_key, len(test.ids), needs_general=bool(cfg.model.adapter and cfg.eval.forgetting))
     if cached and not cfg.model.adapter:
         cached = None  # scoring the base alone is what was asked: score it
 
