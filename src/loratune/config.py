@@ -20,21 +20,23 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from loratune.config_sections import (  # noqa: F401  (re-exported: the sections are part of this API)
     AugmentSection,
-    ConvertSection,
     DataSection,
+    LoraSection,
+    ModelSection,
+    QuantSection,
+    SFTSection,
+    TrainSection,
+    WhisperSection,
+)
+from loratune.config_use_sections import (  # noqa: F401  (re-exported, as above)
+    ConvertSection,
     EvalSection,
     ExportSection,
     GenerateSection,
-    LoraSection,
     MergeSection,
-    ModelSection,
-    QuantSection,
     RescoreSection,
     ServeSection,
-    SFTSection,
-    TrainSection,
     TranscribeSection,
-    WhisperSection,
 )
 from loratune.errors import ConfigError
 
