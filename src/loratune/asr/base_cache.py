@@ -27,14 +27,10 @@ from typing import List, Optional
 log = logging.getLogger(__name__)
 
 
-def _folder_fingerprint(name: Optional[str]) -> Optional[dict]:
-    """Files, sizes and mtimes of the folder ``name`` resolves to; None for a Hub id."""
+def _folder_fingerprint(path: str) -> Optional[dict]:
+    """Files, sizes and mtimes of the resolved model folder ``path``; None for a Hub id."""
     from loratune.asr.ct2_model import _base_fingerprint
-    from loratune.core.names import resolve_model
 
-    if not name:
-        return {}
-    path = resolve_model(name)
     return _base_fingerprint(path) if Path(path).is_dir() else None
 
 
@@ -67,9 +63,12 @@ def base_row_key(cfg, test) -> Optional[str]:
     import transformers
 
     import loratune
+    from loratune.core.names import resolve_model
+    from loratune.llm.model import resolve_causal
 
-    base = _folder_fingerprint(cfg.model.name)
-    lm = _folder_fingerprint(cfg.rescore.lm) if cfg.rescore.lm else {}
+    base = _folder_fingerprint(resolve_model(cfg.model.name))
+    # the LM resolved as the rescorer loads it (a .gguf file: its de-quantised folder)
+    lm = _folder_fingerprint(resolve_causal(cfg.rescore.lm)[0]) if cfg.rescore.lm else {}
     if base is None or lm is None:
         return None
     audio = hashlib.sha256()

@@ -202,7 +202,8 @@ def evaluate(cfg) -> Dict:
     from loratune.asr.base_cache import base_row_key, load_base_row, save_base_row
     from loratune.asr.rescore import LMRescorer
 
-    base_key = base_row_key(cfg, test) if cfg.eval.cache_base else None
+    scores_base = not cfg.model.adapter or cfg.eval.compare_base  # no base row, no key to compute
+    base_key = base_row_key(cfg, test) if cfg.eval.cache_base and scores_base else None
     # the base never changes: its row is reused (with its general-set WER when the gate needs it)
     cached = load_base_row(base_key, len(test.ids), needs_general=bool(cfg.model.adapter and cfg.eval.forgetting))
     if cached and not cfg.model.adapter:
